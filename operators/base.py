@@ -1,0 +1,104 @@
+"""The operator contract and the one place that turns an operator into Ray Data `map_batches` arguments.
+
+An operator is a small class: it declares the columns it needs and adds, loads heavy state (a model, an
+engine) in its constructor, which Ray runs once per actor, and maps a pyarrow batch to a pyarrow batch.
+Rows it cannot process are not dropped: it returns them with a reason in the `QUARANTINE` column, and the
+stage runner writes them to `quarantine/` and counts them in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    import ray.data
+
+QUARANTINE = "_quarantine"  # null for a good row, else the reason it was set aside
+
+
+class ColumnError(ValueError):
+    """The data lacks columns an operator needs."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    concurrency: int | tuple[int, int] = 1  # an int is a fixed pool; (min, max) autoscales
+    batch_size: int | None = 64
+    max_restarts: int = 2  # actor restarts after a crash (fault tolerance for long runs)
+    max_task_retries: int = 3  # a batch whose actor died is retried on a restarted or other actor
+
+
+class Operator:
+    """Base for Ray Data actors. Subclasses set `name`, `requires`, `adds` and implement `__call__`."""
+
+    name: ClassVar[str] = "operator"
+    requires: ClassVar[tuple[str, ...]] = ()
+    # Alternatives: each inner tuple needs at least one of its columns present, e.g. ("prompt", "messages").
+    requires_any: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    adds: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def check_columns(op: type[Operator], columns: list[str] | tuple[str, ...], where: str = "input") -> None:
+    """Fail before the first batch runs, naming every missing column."""
+    have = set(columns)
+    missing = [c for c in op.requires if c not in have]
+    for group in op.requires_any:
+        if not any(c in have for c in group):
+            missing.append(" or ".join(group))
+    if missing:
+        raise ColumnError(
+            f"{op.name} needs column(s) {', '.join(repr(m) for m in missing)} that the {where} lacks; "
+            f"it has: {', '.join(sorted(have)) or '(none)'}"
+        )
+
+
+def map_batches_kwargs(op: type[Operator], resources: Resources, **ctor_kwargs: Any) -> dict[str, Any]:
+    """The single translation from an operator's declared resources to Ray Data's `map_batches` arguments."""
+    concurrency = resources.concurrency
+    if isinstance(concurrency, list):
+        concurrency = tuple(concurrency)
+    kwargs: dict[str, Any] = dict(
+        fn=op,
+        fn_constructor_kwargs=ctor_kwargs,
+        batch_format="pyarrow",
+        batch_size=resources.batch_size,
+        concurrency=concurrency,
+        num_cpus=resources.num_cpus,
+        # Actor restarts and task retries: a killed actor is restarted and its in-flight batch re-run, so
+        # every input row still comes out exactly once.
+        max_restarts=resources.max_restarts,
+        max_task_retries=resources.max_task_retries,
+    )
+    if resources.num_gpus:
+        kwargs["num_gpus"] = resources.num_gpus
+    return kwargs
+
+
+def apply(
+    ds: ray.data.Dataset, op: type[Operator], resources: Resources, **ctor_kwargs: Any
+) -> ray.data.Dataset:
+    """Check the column contract against the dataset's schema, then add the operator as a stage."""
+    schema = ds.schema()
+    if schema is not None:
+        check_columns(op, list(schema.names))
+    return ds.map_batches(**map_batches_kwargs(op, resources, **ctor_kwargs))
+
+
+def with_quarantine(table: pa.Table, reasons: list[str | None] | pa.Array) -> pa.Table:
+    """Set (or merge into) the quarantine column; an existing reason wins over a new one."""
+    new = reasons if isinstance(reasons, pa.Array) else pa.array(reasons, type=pa.string())
+    if QUARANTINE in table.column_names:
+        import pyarrow.compute as pc
+
+        old = table.column(QUARANTINE)
+        merged = pc.coalesce(old, new)
+        return table.set_column(table.column_names.index(QUARANTINE), QUARANTINE, merged)
+    return table.append_column(QUARANTINE, new)

@@ -1,0 +1,69 @@
+"""Preference pairs in TRL's schema from selected prompts' statistics.
+
+The statistics table already carries each prompt's best and worst response (or the labelled pair for
+already-paired data), so pairing needs no join against the long table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators.base import QUARANTINE
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "prompt_id", "score_chosen", "score_rejected", "margin", "pvar",
+                "route", "order")
+
+
+def join_selection(batch: pa.Table, selection: pa.Table) -> pa.Table:
+    """Attach `selected`, `rank`, `selector`, `route`, `order` to statistics rows by prompt_id."""
+    idx = pc.index_in(batch.column("prompt_id"), value_set=selection.column("prompt_id"))
+    if pc.any(pc.is_null(idx)).as_py():
+        missing = batch.filter(pc.is_null(idx)).column("prompt_id").slice(0, 3).to_pylist()
+        raise RuntimeError(f"selection has no decision for prompt_id(s) {missing}")
+    picked = selection.take(idx)
+    for name in ("selected", "rank", "selector", "route", "order"):
+        if name in batch.column_names:
+            batch = batch.drop_columns([name])
+        batch = batch.append_column(name, picked.column(name))
+    return batch
+
+
+def keep_selected(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.fill_null(batch.column("selected"), False))
+
+
+def build_pairs(batch: pa.Table) -> pa.Table:
+    """Selected statistics rows -> pair rows. A prompt whose responses all scored the same has no preference
+    to learn from; it is quarantined (`all_rewards_equal`) rather than paired with itself."""
+    same = (batch.column("best_idx").to_numpy(zero_copy_only=False)
+            == batch.column("worst_idx").to_numpy(zero_copy_only=False))
+    chosen, rejected = batch.column("best_response"), batch.column("worst_response")
+    if "messages" in batch.column_names:
+        # Conversational input stays conversational (TRL's message-list schema) on every side.
+        prompt = batch.column("messages")
+        chosen, rejected = _as_assistant_turn(chosen), _as_assistant_turn(rejected)
+    else:
+        prompt = batch.column("prompt")
+    cols = {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "prompt_id": batch.column("prompt_id"),
+        "score_chosen": batch.column("score_best"),
+        "score_rejected": batch.column("score_worst"),
+        "margin": batch.column("margin"),
+        "pvar": batch.column("pvar"),
+        "route": batch.column("route"),
+        "order": batch.column("order"),
+    }
+    for extra in ("source", "pd", "rank", "selector"):
+        if extra in batch.column_names:
+            cols[extra] = batch.column(extra)
+    cols[QUARANTINE] = pa.array(np.where(same, "all_rewards_equal", None), type=pa.string())
+    return pa.table(cols)
+
+
+def _as_assistant_turn(texts) -> pa.Array:
+    return pa.array([[{"role": "assistant", "content": t}] for t in texts.to_pylist()])

@@ -1,0 +1,210 @@
+"""Reading prompts and rated data: file formats, schema detection, validation and de-duplication."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators.base import QUARANTINE, ColumnError, with_quarantine
+
+SCHEMAS = ("prompts", "rated", "binarized")
+
+
+class InputError(ValueError):
+    """The input cannot be read as asked; the message names the path and the problem."""
+
+
+def detect_format(path: str) -> str:
+    p = path.lower().rstrip("/")
+    if p.endswith((".parquet", ".pq")):
+        return "parquet"
+    if p.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".jsonl.zst")):
+        return "jsonl"
+    if "://" not in path and os.path.isdir(path):
+        names = set(os.listdir(path))
+        if {"dataset_info.json", "state.json"} & names or "dataset_dict.json" in names:
+            return "hf_disk"
+        if any(n.endswith(".parquet") for n in names):
+            return "parquet"
+        if any(n.endswith((".jsonl", ".jsonl.gz", ".json")) for n in names):
+            return "jsonl"
+    raise InputError(
+        f"cannot tell the format of input {path!r}; set input.format to parquet, jsonl or hf_disk"
+    )
+
+
+def detect_schema(columns: list[str]) -> str:
+    cols = set(columns)
+    if "responses" in cols:
+        return "rated"
+    if {"chosen", "rejected"} <= cols:
+        return "binarized"
+    return "prompts"
+
+
+def check_local_path(path: str) -> None:
+    if not path:
+        raise InputError("input.path is empty; set it in the config or with input.path=...")
+    if "://" in path:
+        return
+    if not Path(path).exists():
+        raise InputError(f"input path does not exist: {path}")
+
+
+def read_input(path: str, fmt: str = "auto", limit: int | None = None):
+    """A Ray Dataset over the input. `limit` keeps the first N rows in file order."""
+    import ray
+
+    check_local_path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if limit is not None:
+        # `limit` must take the same rows every run: keep file order for this read.
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(path)
+    elif fmt == "jsonl":
+        ds = ray.data.read_json(path, lines=True)
+    elif fmt == "hf_disk":
+        import datasets
+
+        hf = datasets.load_from_disk(path)
+        if isinstance(hf, datasets.DatasetDict):
+            split = "train" if "train" in hf else next(iter(hf))
+            hf = hf[split]
+        ds = ray.data.from_arrow(hf.data.table)
+    else:
+        raise InputError(f"unknown input.format {fmt!r}; use auto, parquet, jsonl or hf_disk")
+    if limit is not None:
+        ds = ds.limit(limit)
+    return ds
+
+
+def binarized_to_rated(batch: pa.Table) -> pa.Table:
+    """UltraFeedback-binarized rows (prompt, chosen, rejected, score_chosen, score_rejected) as rated rows.
+
+    `chosen` / `rejected` may be strings or message lists; a message list contributes its last assistant turn.
+    A missing `prompt_id` is derived from the prompt text (sha1), so re-reads give the same ids.
+    """
+    rows = batch.to_pylist()
+    out = []
+    for r in rows:
+        prompt = r.get("prompt")
+        if prompt is None and isinstance(r.get("chosen"), list):
+            prompt = next((m.get("content") for m in r["chosen"] if m.get("role") == "user"), None)
+        pid = r.get("prompt_id")
+        if pid is None and isinstance(prompt, str):
+            pid = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
+        responses = []
+        for label in ("chosen", "rejected"):
+            text = _last_assistant(r.get(label))
+            score = r.get(f"score_{label}")
+            responses.append({"text": text, "model": None, "label": label, "overall": score,
+                              "scores": {"score": score}})
+        item = {k: v for k, v in r.items() if k not in ("chosen", "rejected", "score_chosen", "score_rejected",
+                                                        "messages")}
+        item.update({"prompt_id": pid, "prompt": prompt, "responses": responses})
+        out.append(item)
+    return pa.Table.from_pylist(out)
+
+
+def _last_assistant(value):
+    if isinstance(value, list):
+        for m in reversed(value):
+            if isinstance(m, dict) and m.get("role") == "assistant":
+                return m.get("content")
+        return None
+    return value
+
+
+def _prompt_text(batch: pa.Table) -> pa.Array:
+    if "prompt" in batch.column_names:
+        return batch.column("prompt").combine_chunks()
+    # messages: the conversation's text, for the emptiness check only
+    msgs = batch.column("messages").to_pylist()
+    return pa.array([" ".join((m or {}).get("content") or "" for m in (ms or [])) for ms in msgs], pa.string())
+
+
+def validate_prompts(batch: pa.Table, schema: str, source: str) -> pa.Table:
+    """Row checks that need no model: ids as strings, empty prompts, too few responses; `source` filled in."""
+    n = batch.num_rows
+    pid = batch.column("prompt_id")
+    if not pa.types.is_string(pid.type) and not pa.types.is_large_string(pid.type):
+        pid = pc.cast(pid, pa.string())
+        batch = batch.set_column(batch.column_names.index("prompt_id"), "prompt_id", pid)
+    if "source" not in batch.column_names:
+        batch = batch.append_column("source", pa.array([source] * n, pa.string()))
+    reasons = np.array([None] * n, dtype=object)
+    ids = batch.column("prompt_id").to_pylist()
+    for i, v in enumerate(ids):
+        if v is None or not str(v).strip():
+            reasons[i] = "missing_prompt_id"
+    text = _prompt_text(batch)
+    stripped = pc.utf8_trim_whitespace(pc.cast(text, pa.string()))
+    empty = pc.fill_null(pc.equal(pc.utf8_length(stripped), 0), True).to_numpy(zero_copy_only=False)
+    reasons[(reasons == None) & empty] = "empty_prompt"  # noqa: E711 - elementwise on an object array
+    if schema == "rated":
+        lens = pc.fill_null(pc.list_value_length(batch.column("responses")), 0).to_numpy(zero_copy_only=False)
+        reasons[(reasons == None) & (lens < 2)] = "fewer_than_2_responses"  # noqa: E711
+    return with_quarantine(batch, pa.array(list(reasons), pa.string()))
+
+
+def dedupe_block(batch: pa.Table) -> pa.Table:
+    """Within a block holding each prompt_id's rows whole: exact duplicates keep one copy, and every copy of
+    an id whose rows differ is set aside (`conflicting_duplicate_prompt_id`), because no copy is the right one.
+    Rows already quarantined are left as they are.
+    """
+    if batch.num_rows == 0:
+        return batch
+    if QUARANTINE not in batch.column_names:
+        batch = with_quarantine(batch, [None] * batch.num_rows)
+    ids = batch.column("prompt_id").to_numpy(zero_copy_only=False)
+    q = batch.column(QUARANTINE).to_pylist()
+    live = np.array([r is None for r in q])
+    uniq, inv, counts = np.unique(ids[live], return_inverse=True, return_counts=True)
+    if not (counts > 1).any():
+        return batch
+    live_idx = np.flatnonzero(live)
+    reasons = list(q)
+    dup_rows = live_idx[counts[inv] > 1]
+    by_id: dict[str, list[int]] = {}
+    for i in dup_rows:
+        by_id.setdefault(ids[i], []).append(int(i))
+    cols = [c for c in batch.column_names if c != QUARANTINE]
+    for rows in by_id.values():
+        digests = [_row_digest(batch.select(cols).slice(i, 1).to_pylist()[0]) for i in rows]
+        if len(set(digests)) == 1:
+            keep = rows[int(np.argmin(rows))]
+            for i in rows:
+                if i != keep:
+                    reasons[i] = "duplicate_prompt_id"
+        else:
+            for i in rows:
+                reasons[i] = "conflicting_duplicate_prompt_id"
+    return batch.set_column(batch.column_names.index(QUARANTINE), QUARANTINE, pa.array(reasons, pa.string()))
+
+
+def _row_digest(row: dict) -> str:
+    return hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def required_columns(schema: str) -> tuple[tuple[str, ...], ...]:
+    """Each inner tuple needs one of its columns."""
+    base: tuple[tuple[str, ...], ...] = (("prompt_id",), ("prompt", "messages"))
+    if schema == "rated":
+        return base + (("responses",),)
+    return base
+
+
+def check_input_columns(columns: list[str], schema: str, path: str) -> None:
+    missing = [" or ".join(g) for g in required_columns(schema) if not any(c in columns for c in g)]
+    if missing:
+        raise ColumnError(
+            f"input {path} ({schema} schema) lacks required column(s): {', '.join(missing)}; "
+            f"it has: {', '.join(columns) or '(none)'}"
+        )

@@ -1,0 +1,319 @@
+"""Typed configuration: frozen dataclasses, parsed once from YAML with `key.sub=value` overrides.
+
+Errors name the key, the bad value and the allowed values; an unknown key suggests the closest valid one.
+YAML is always safe-loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the key."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    name: str = "prefsift"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class InputCfg:
+    path: str = ""
+    # File format; `auto` decides from the path (.parquet / .jsonl[.gz] / a `datasets.save_to_disk` folder).
+    format: Literal["auto", "parquet", "jsonl", "hf_disk"] = "auto"
+    # What the rows hold. `auto` decides from the columns:
+    #   `responses` (list of {text, scores, overall}) -> rated  (the shared real-data schema)
+    #   `chosen` + `rejected`                          -> binarized (UltraFeedback-binarized style)
+    #   otherwise                                      -> prompts (generate, then score)
+    schema: Literal["auto", "prompts", "rated", "binarized"] = "auto"
+    limit: int | None = None  # keep the first N rows of the input (demo / smoke runs)
+
+
+@dataclass(frozen=True)
+class OutputCfg:
+    dir: str = "runs/prefsift"
+
+
+@dataclass(frozen=True)
+class GenerateCfg:
+    backend: Literal["hf", "vllm"] = "hf"
+    model: str = ""
+    num_samples: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = 2048
+    batch_size: int = 16  # prompts per map_batches call; each yields num_samples rows
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    num_gpus_per_worker: float = 0.0  # hf backend only; vllm derives GPUs from the parallel sizes
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    trust_remote_code: bool = False
+    max_restarts: int = 2  # actor restarts after a crash; each restart re-runs only its unfinished batch
+
+
+@dataclass(frozen=True)
+class RewardModelCfg:
+    path: str = ""
+    # Names for a multi-head model's outputs; null reads them from config.id2label. A 1-head model with one
+    # aspect name scores that aspect (several single-aspect models then make a multi-aspect scorer).
+    aspects: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class ScoreCfg:
+    models: list[RewardModelCfg] = field(default_factory=list)
+    # How `reward` is formed from aspects: `mean` of all aspects, or the name of one aspect.
+    overall: str = "mean"
+    batch_size: int = 64  # rows per map_batches call
+    micro_batch_size: int = 16  # rows per forward pass, after sorting by length
+    max_length: int = 1024
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    trust_remote_code: bool = False
+    max_restarts: int = 2
+
+
+@dataclass(frozen=True)
+class StatsCfg:
+    tau: float = 1.0  # Bradley-Terry temperature: p_ij = sigmoid((r_i - r_j) / tau)
+    length_debias: Literal["none", "penalty", "residual"] = "none"
+    debias_rho: float = 1.0  # penalty strength for length_debias=penalty
+    pd_target: str = "overall"  # aspect that chose the pair, or `overall` for the aggregate reward
+    num_partitions: int | None = None  # hash partitions for the per-prompt grouping; null picks by size
+
+
+@dataclass(frozen=True)
+class SelectCfg:
+    rule: str = "pvar_top"
+    fraction: float | None = None  # budget as a fraction of prompts; null uses the rule's default
+    count: int | None = None  # budget as a count (exclusive with fraction)
+    stratify_by: str | None = None  # e.g. `source`: apply the budget within each stratum
+    seed: int | None = None  # tie-break seed; null uses run.seed
+    # margin_curriculum: route = sft where margin < margin_tau, or for the hardest sft_quantile of pairs.
+    margin_tau: float | None = None
+    sft_quantile: float | None = None
+    # threshold: keep rows with min <= column <= max.
+    column: str | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass(frozen=True)
+class RayCfg:
+    address: str | None = None  # null: an embedded local Ray; `auto`: the cluster this job runs on
+    num_cpus: int | None = None
+    object_store_memory_gb: float | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    run: RunCfg = field(default_factory=RunCfg)
+    input: InputCfg = field(default_factory=InputCfg)
+    output: OutputCfg = field(default_factory=OutputCfg)
+    generate: GenerateCfg = field(default_factory=GenerateCfg)
+    score: ScoreCfg = field(default_factory=ScoreCfg)
+    stats: StatsCfg = field(default_factory=StatsCfg)
+    select: SelectCfg = field(default_factory=SelectCfg)
+    ray: RayCfg = field(default_factory=RayCfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint} (valid keys here: {', '.join(names)})")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has a malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of config sections (and upstream fingerprints) that decides whether a stage reruns."""
+    blob = json.dumps(
+        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_path(path: str, base: Path | None = None) -> str:
+    """Local relative paths resolve against the working directory; URIs (s3://, gs://, ...) pass through."""
+    if "://" in path or not path:
+        return path
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    return str(p.resolve())
+
+
+def cli(cls: type[T], main, doc: str | None, argv: list[str]) -> int:
+    """`--config FILE [key.sub=value ...]`: parse, run `main(cfg)`, and turn config mistakes into one clear line."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None,
+                                 epilog="overrides: key.sub=value (YAML values), e.g. select.fraction=0.1")
+    ap.add_argument("--config", required=False, help="YAML config file")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(cls, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", flush=True)
+        return 2
+    main(cfg)
+    return 0

@@ -1,0 +1,157 @@
+"""Curate preference data: read -> (generate -> score | ingest) -> stats -> selection -> pairs.
+
+    python -m pipelines.curate --config pipelines/configs/demo_cpu.yaml
+    python -m pipelines.curate --config pipelines/configs/real_rated.yaml input.path=data.jsonl.gz select.fraction=0.1
+
+Each stage writes parquet shards to its own folder under output.dir and its counts to manifest.json; a
+rerun with the same config skips the stages that are already complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import asdict
+
+from operators.base import apply
+from operators.ingest import count_responses, explode_rated
+from operators.read import (
+    binarized_to_rated,
+    check_input_columns,
+    dedupe_block,
+    detect_schema,
+    read_input,
+    validate_prompts,
+)
+from operators.stats import aspect_names, compute_norms, grouped_stats, StatsParams
+from pipelines.config import CurateConfig, fingerprint, resolve_path, to_dict
+from pipelines.manifest import RunDir
+from pipelines.select import run_selection
+from pipelines.stages import init_ray, read_stage, run_stage, say
+
+
+def partitions_for(rows: int, override: int | None = None) -> int:
+    """Hash partitions for a shuffle: ~200k rows each, at least 2 so both cores work, at most 200."""
+    return override or max(2, min(200, math.ceil(rows / 200_000)))
+
+
+def input_bytes(path: str) -> int:
+    if "://" in path:
+        return 0
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def input_stamp(path: str) -> list:
+    """Size and mtime of local inputs, so that an edited input file reruns the stages."""
+    if "://" in path or not os.path.exists(path):
+        return [path]
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [path, st.st_size, int(st.st_mtime)]
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    return [path] + [[f, os.stat(f).st_size, int(os.stat(f).st_mtime)] for f in files]
+
+
+def main(cfg: CurateConfig) -> dict:
+    # --- setup: validate paths before any heavy work, then start (or join) Ray --------------------------
+    in_path = resolve_path(cfg.input.path)
+    if cfg.input.schema in ("auto", "prompts"):
+        for m in [cfg.generate.model] + [rm.path for rm in cfg.score.models]:
+            if m and "://" not in m and not os.path.exists(resolve_path(m)) and m.startswith((".", "/")):
+                raise FileNotFoundError(f"model path does not exist: {m}")
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_gb, cfg.ray.progress)
+    run = RunDir(cfg.output.dir)
+    run.start("curate", to_dict(cfg))
+
+    # --- read: validate rows, set aside empty prompts and duplicate ids ---------------------------------
+    raw = read_input(in_path, cfg.input.format, cfg.input.limit)
+    columns = list(raw.schema().names)
+    schema = detect_schema(columns) if cfg.input.schema == "auto" else cfg.input.schema
+    say(f"input {in_path}: {schema} schema")
+    source = os.path.basename(in_path.rstrip("/"))
+
+    def build_read():
+        ds = raw
+        row_schema = schema
+        if schema == "binarized":
+            ds = ds.map_batches(binarized_to_rated, batch_format="pyarrow")
+            row_schema = "rated"
+        check_input_columns(columns if schema != "binarized" else ["prompt_id", "prompt", "responses"],
+                            row_schema, in_path)
+        ds = ds.map_batches(validate_prompts, fn_kwargs={"schema": row_schema, "source": source},
+                            batch_format="pyarrow")
+        # Partitions from the input size (~64 MB each), so sizing the shuffle costs no extra pass.
+        parts = max(2, min(200, input_bytes(in_path) // (64 << 20) + 1))
+        return ds.repartition(parts, keys=["prompt_id"], sort=True) \
+            .map_batches(dedupe_block, batch_format="pyarrow", batch_size=None)
+
+    read_fp = fingerprint(cfg.input, input_stamp(in_path))
+    read = run_stage(run, "prompts", read_fp, build_read, rows_in=None, unit_in="prompt", unit_out="prompt")
+
+    # --- generate -> score, or ingest the ratings that came with the data --------------------------------
+    if schema == "prompts":
+        from operators.generate import Generator, generator_resources
+        from operators.score import RewardScorer, scorer_resources
+
+        k = cfg.generate.num_samples
+        gen_fp = fingerprint(read_fp, cfg.generate, cfg.run.seed)
+        run_stage(
+            run, "samples", gen_fp,
+            lambda: apply(read_stage(run, "prompts"), Generator, generator_resources(cfg.generate),
+                          cfg=cfg.generate, seed=cfg.run.seed),
+            rows_in=read.rows_out, out_as_input=lambda _ds, rows: rows // k, unit_in="prompt", unit_out="sample",
+        )
+        scored_fp = fingerprint(gen_fp, cfg.score)
+        scored = run_stage(
+            run, "scored", scored_fp,
+            lambda: apply(read_stage(run, "samples"), RewardScorer, scorer_resources(cfg.score), cfg=cfg.score),
+            rows_in=run.stage_record("samples").rows_out, unit_in="sample", unit_out="response",
+        )
+    else:
+        scored_fp = fingerprint(read_fp, "ingest-v1")
+        scored = run_stage(
+            run, "scored", scored_fp,
+            lambda: read_stage(run, "prompts").map_batches(explode_rated, batch_format="pyarrow"),
+            rows_in=lambda: int(read_stage(run, "prompts", columns=["responses"])
+                                .map_batches(count_responses, batch_format="pyarrow").sum("k") or 0),
+            unit_in="response", unit_out="response",
+        )
+
+    # --- statistics per prompt: one hash shuffle groups each prompt's responses -------------------------
+    stats_fp = fingerprint(scored_fp, cfg.stats)
+
+    def build_stats():
+        ds = read_stage(run, "scored")
+        aspects = aspect_names(ds.schema().names)
+        norms = compute_norms(ds, aspects, cfg.stats.length_debias, cfg.stats.debias_rho) if aspects else None
+        run.set("stats_params", {"tau": cfg.stats.tau, "pd_target": cfg.stats.pd_target, "aspects": aspects,
+                                 "norms": asdict(norms) if norms else None})
+        params = StatsParams(tau=cfg.stats.tau, pd_target=cfg.stats.pd_target, norms=norms)
+        return grouped_stats(ds, params, partitions_for(scored.rows_out, cfg.stats.num_partitions))
+
+    run_stage(run, "stats", stats_fp, build_stats, rows_in=scored.rows_out,
+              out_as_input=lambda good, _rows: int(good.sum("n") or 0), unit_in="response", unit_out="prompt")
+
+    # --- selection and pairs ------------------------------------------------------------------------------
+    out = run_selection(run, cfg, stats_fp)
+    result = {
+        "run_dir": run.uri,
+        "stats": run.uri_of("stats"),
+        "pairs": run.uri_of("pairs"),
+        "manifest": run.uri_of("manifest.json"),
+        "num_pairs": out["pairs"].rows_out,
+    }
+    run.set("outputs", result)
+    say(f"statistics: {result['stats']}")
+    say(f"pairs:      {result['pairs']}  ({result['num_pairs']} pairs, rule {cfg.select.rule})")
+    say(f"manifest:   {result['manifest']}")
+    return result
+
+
+if __name__ == "__main__":
+    from pipelines.config import cli
+
+    sys.exit(cli(CurateConfig, main, __doc__, sys.argv[1:]))

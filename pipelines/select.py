@@ -1,0 +1,82 @@
+"""Re-run only selection and pairing over an existing run's statistics; nothing is regenerated or rescored.
+
+    python -m pipelines.select --config pipelines/configs/real_rated.yaml output.dir=runs/real \\
+        select.rule=margin_curriculum select.sft_quantile=0.1
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pyarrow as pa
+
+from operators.pairs import build_pairs, join_selection, keep_selected
+from operators.select import SELECT_COLUMNS, Budget, RuleParams, select
+from pipelines.config import CurateConfig, SelectCfg, fingerprint, to_dict
+from pipelines.manifest import RunDir
+from pipelines.stages import read_stage, run_stage, say
+
+
+def key_columns(run: RunDir, cfg: SelectCfg) -> pa.Table:
+    """Only the columns a rule decides on reach the driver (a few numbers per prompt, never the texts)."""
+    import ray
+
+    stats = read_stage(run, "stats")
+    have = set(stats.schema().names)
+    cols = [c for c in (*SELECT_COLUMNS, cfg.column, cfg.stratify_by) if c and c in have]
+    refs = stats.select_columns(sorted(set(cols))).to_arrow_refs()
+    tables = [t for t in ray.get(refs) if t.num_rows]
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({"prompt_id": []})
+
+
+def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str) -> dict:
+    """select -> pairs, two stages of the run folder."""
+    sc = cfg.select
+    seed = cfg.run.seed if sc.seed is None else sc.seed
+    select_fp = fingerprint(stats_fp, sc, seed)
+
+    def build_selection():
+        keys = key_columns(run, sc)
+        decision = select(keys, sc.rule, Budget(sc.fraction, sc.count),
+                          RuleParams(seed=seed, margin_tau=sc.margin_tau, sft_quantile=sc.sft_quantile,
+                                     column=sc.column, min=sc.min, max=sc.max),
+                          stratify_by=sc.stratify_by)
+        return read_stage(run, "stats").map_batches(
+            join_selection, fn_kwargs={"selection": decision}, batch_format="pyarrow", batch_size=None)
+
+    sel = run_stage(run, "selection", select_fp, build_selection, rows_in=lambda: run.stage_record("stats").rows_out,
+                    unit_in="prompt", unit_out="prompt")
+
+    def build_pairs_ds():
+        return read_stage(run, "selection").map_batches(keep_selected, batch_format="pyarrow", batch_size=None) \
+            .map_batches(build_pairs, batch_format="pyarrow", batch_size=None)
+
+    def n_selected() -> int:
+        return int(read_stage(run, "selection", columns=["selected"]).sum("selected") or 0)
+
+    pairs = run_stage(run, "pairs", fingerprint(select_fp, "pairs-v1"), build_pairs_ds, rows_in=n_selected,
+                      unit_in="selected prompt", unit_out="pair")
+    return {"selection": sel, "pairs": pairs}
+
+
+def main(cfg: CurateConfig) -> dict:
+    from pipelines.stages import init_ray
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_gb, cfg.ray.progress)
+    run = RunDir(cfg.output.dir)
+    if not run.exists("stats", "_SUCCESS"):
+        raise FileNotFoundError(
+            f"{cfg.output.dir} has no complete stats/ stage; run `python -m pipelines.curate` first"
+        )
+    run.start("select", to_dict(cfg))
+    stats_fp = run.read_text("stats", "_SUCCESS").strip()
+    out = run_selection(run, cfg, stats_fp)
+    say(f"pairs:    {run.uri_of('pairs')}  ({out['pairs'].rows_out} pairs, rule {cfg.select.rule})")
+    say(f"manifest: {run.uri_of('manifest.json')}")
+    return {"run_dir": run.uri, "pairs": run.uri_of("pairs"), "records": out}
+
+
+if __name__ == "__main__":
+    from pipelines.config import cli
+
+    sys.exit(cli(CurateConfig, main, __doc__, sys.argv[1:]))

@@ -1,0 +1,177 @@
+"""Running one stage: skip if complete, split good rows from quarantined ones, write, count, record."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from operators.base import QUARANTINE
+from pipelines.manifest import SUCCESS, RunDir, StageRecord
+
+log = logging.getLogger("prefsift")
+
+QUARANTINE_DIR = "quarantine"
+
+
+def say(msg: str) -> None:
+    print(f"[prefsift] {msg}", file=sys.stderr, flush=True)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_gb: float | None = None,
+             progress: bool = True) -> None:
+    """An embedded local Ray by default; `address` (or RAY_ADDRESS, as `ray job submit` sets) joins a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        cpus = num_cpus or os.cpu_count() or 2
+        # On small machines the object store default (30% of RAM) competes with model memory.
+        store = int((object_store_gb or 2.0) * (1 << 30))
+        ray.init(num_cpus=cpus, object_store_memory=store, **kwargs)
+    # Ray Data logs one INFO line per execution; our own stage lines say what matters.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+
+
+def _good(table: pa.Table) -> pa.Table:
+    if QUARANTINE not in table.column_names:
+        return table
+    keep = table.filter(pc.is_null(table.column(QUARANTINE)))
+    return keep.drop_columns([QUARANTINE])
+
+
+def _bad(table: pa.Table) -> pa.Table:
+    if QUARANTINE not in table.column_names:
+        return table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
+    bad = table.filter(pc.is_valid(table.column(QUARANTINE)))
+    return bad.rename_columns([("reason" if c == QUARANTINE else c) for c in bad.column_names])
+
+
+def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
+    import ray
+
+    return ray.data.read_parquet(run.uri_of(stage), columns=columns, file_extensions=["parquet"])
+
+
+def count_reasons(run: RunDir, stage: str) -> dict[str, int]:
+    if not run.exists(QUARANTINE_DIR, stage):
+        return {}
+    files = [
+        f.path
+        for f in run.fs.get_file_info(pafs_selector(run.path(QUARANTINE_DIR, stage)))
+        if f.path.endswith(".parquet")
+    ]
+    if not files:
+        return {}
+    reasons = pads.dataset(files, filesystem=run.fs, format="parquet").to_table(columns=["reason"])
+    counts = pc.value_counts(reasons.column("reason").combine_chunks())
+    return {str(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
+
+
+def pafs_selector(path: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(path, recursive=True, allow_not_found=True)
+
+
+def run_stage(
+    run: RunDir,
+    stage: str,
+    fp: str,
+    build: Callable[[], Any],
+    *,
+    rows_in: int | Callable[[], int] | None,
+    out_as_input: Callable[[Any, int], int] | None = None,
+    unit_in: str = "row",
+    unit_out: str = "row",
+) -> StageRecord:
+    """Build the stage's dataset, write good rows to `<stage>/` and the rest to `quarantine/<stage>/`.
+
+    `build` returns a lazy Ray Dataset whose rows may carry a reason in the quarantine column. It is
+    materialized once (in the object store, spilling to disk when large) so that the two writes do not run
+    the models twice.
+    """
+    if run.is_complete(stage, fp):
+        rec = run.stage_record(stage)
+        assert rec is not None
+        rec.skipped = True
+        say(f"stage {stage}: complete for this config, skipped ({rec.rows_out} {unit_out}s)")
+        return rec
+
+    say(f"stage {stage}: running")
+    t0 = time.perf_counter()
+    for leftover in (stage, stage + ".tmp", f"{QUARANTINE_DIR}/{stage}", f"{QUARANTINE_DIR}/{stage}.tmp"):
+        run.remove(*leftover.split("/"))
+
+    ds = build().materialize()
+    good = ds.map_batches(_good, batch_format="pyarrow", batch_size=None)
+    bad = ds.map_batches(_bad, batch_format="pyarrow", batch_size=None)
+
+    tmp, qtmp = stage + ".tmp", f"{QUARANTINE_DIR}/{stage}.tmp"
+    rows_out = good.count()
+    n_bad = bad.count()
+    _write(good, run, tmp, rows_out)
+    if n_bad:
+        _write(bad, run, qtmp, n_bad)
+        run.fs.create_dir(run.path(QUARANTINE_DIR), recursive=True)
+        run.fs.move(run.path(*qtmp.split("/")), run.path(QUARANTINE_DIR, stage))
+    quarantined = count_reasons(run, stage)
+    # rows_in=None: a 1:1 stage whose every input row comes out, good or quarantined.
+    n_in = rows_out + n_bad if rows_in is None else (rows_in() if callable(rows_in) else int(rows_in))
+    as_input = out_as_input(good, rows_out) if out_as_input else rows_out
+    rec = StageRecord(
+        rows_in=int(n_in),
+        rows_out=int(rows_out),
+        rows_out_as_input=int(as_input),
+        quarantined=quarantined,
+        seconds=round(time.perf_counter() - t0, 2),
+        fingerprint=fp,
+        unit_in=unit_in,
+        unit_out=unit_out,
+    )
+    # The marker goes in last, then the folder is renamed into place: a killed run leaves only `.tmp`.
+    run.write_text(fp, tmp, SUCCESS)
+    run.fs.move(run.path(tmp), run.path(stage))
+    run.record(stage, rec)
+    qmsg = f", quarantined {rec.quarantined_total} ({', '.join(f'{k}: {v}' for k, v in quarantined.items())})" \
+        if quarantined else ""
+    say(f"stage {stage}: {rec.rows_in} {unit_in}s in -> {rec.rows_out} {unit_out}s out{qmsg} in {rec.seconds:.1f}s")
+    if not rec.balanced:
+        raise RuntimeError(
+            f"stage {stage}: row accounting does not add up: {rec.rows_in} in != "
+            f"{rec.rows_out_as_input} out + {rec.quarantined_total} quarantined"
+        )
+    return rec
+
+
+def _write(ds, run: RunDir, rel: str, n_rows: int) -> None:
+    """Write parquet shards; an empty result still gets one empty shard carrying the schema."""
+    path = run.uri_of(*rel.split("/"))
+    if n_rows:
+        ds.write_parquet(path)
+        return
+    import pyarrow.parquet as pq
+
+    schema = ds.schema()
+    arrow_schema = schema.base_schema if schema is not None and hasattr(schema, "base_schema") else None
+    if not isinstance(arrow_schema, pa.Schema):
+        arrow_schema = pa.schema([])
+    run.fs.create_dir(run.path(*rel.split("/")), recursive=True)
+    with run.fs.open_output_stream(run.path(*rel.split("/"), "empty-0.parquet")) as f:
+        pq.write_table(arrow_schema.empty_table(), f)

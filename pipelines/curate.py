@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from operators.base import apply
 from operators.ingest import count_responses, explode_rated
@@ -20,6 +21,7 @@ from operators.read import (
     InputError,
     binarized_to_rated,
     check_input_columns,
+    check_local_path,
     dedupe_block,
     detect_schema,
     read_input,
@@ -56,13 +58,32 @@ def input_stamp(path: str) -> list:
     return [path] + [[f, os.stat(f).st_size, int(os.stat(f).st_mtime)] for f in files]
 
 
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def model_path(path: str, key: str) -> str:
+    """A local model folder becomes absolute (actors may run in another directory or on another node); a
+    hub id (`org/name`) or a URI passes through; anything else that does not exist is a config error."""
+    if not path or "://" in path:
+        return path
+    if os.path.exists(os.path.expanduser(path)):
+        return resolve_path(path)
+    if HUB_ID.match(path):
+        return path
+    raise FileNotFoundError(f"{key}: model path does not exist: {path}")
+
+
+def resolve_models(cfg: CurateConfig) -> CurateConfig:
+    gen = replace(cfg.generate, model=model_path(cfg.generate.model, "generate.model"))
+    models = [replace(m, path=model_path(m.path, f"score.models[{i}].path")) for i, m in enumerate(cfg.score.models)]
+    return replace(cfg, generate=gen, score=replace(cfg.score, models=models))
+
+
 def main(cfg: CurateConfig) -> dict:
     # --- setup: validate paths before any heavy work, then start (or join) Ray --------------------------
     in_path = resolve_path(cfg.input.path)
-    if cfg.input.schema in ("auto", "prompts"):
-        for m in [cfg.generate.model] + [rm.path for rm in cfg.score.models]:
-            if m and "://" not in m and not os.path.exists(resolve_path(m)) and m.startswith((".", "/")):
-                raise FileNotFoundError(f"model path does not exist: {m}")
+    check_local_path(in_path)
+    cfg = resolve_models(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_gb, cfg.ray.progress)
     run = RunDir(cfg.output.dir)
     run.start("curate", to_dict(cfg))

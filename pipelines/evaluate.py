@@ -1,0 +1,147 @@
+"""Evaluate a trained policy against its reference: same held-out prompts, same generation operator, same
+per-sample seeds, one reward model as the judge. Reports the RM-judged win rate with a bootstrap 95% CI.
+
+    python -m pipelines.evaluate --config pipelines/configs/evaluate_demo_cpu.yaml policy=runs/demo/train/final
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from operators.base import apply
+from operators.read import detect_schema, read_input, validate_prompts
+from pipelines.config import (
+    GenerateCfg,
+    InputCfg,
+    OutputCfg,
+    RayCfg,
+    RunCfg,
+    ScoreCfg,
+    fingerprint,
+    resolve_path,
+    to_dict,
+)
+from pipelines.manifest import RunDir
+from pipelines.stages import init_ray, read_stage, run_stage, say
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    run: RunCfg = field(default_factory=RunCfg)
+    input: InputCfg = field(default_factory=InputCfg)  # held-out prompts
+    output: OutputCfg = field(default_factory=OutputCfg)
+    policy: str = ""  # the trained checkpoint (a Hugging Face folder)
+    reference: str = ""  # the model it started from
+    generate: GenerateCfg = field(default_factory=lambda: GenerateCfg(num_samples=1))
+    score: ScoreCfg = field(default_factory=ScoreCfg)
+    bootstrap: int = 2000
+    ray: RayCfg = field(default_factory=RayCfg)
+
+
+def win_rate_ci(wins: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
+    """Mean win (1 win, 0.5 tie, 0 loss) over prompts, with a percentile bootstrap CI that resamples prompts."""
+    w = np.asarray(wins, dtype=np.float64)
+    if w.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boots = w[rng.integers(0, w.size, size=(n_boot, w.size))].mean(axis=1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(w.mean()), float(lo), float(hi)
+
+
+def paired_wins(policy: dict, reference: dict) -> np.ndarray:
+    """Per-prompt mean of sample-level wins; samples are paired by (prompt_id, sample_idx), i.e. same seed."""
+    per_prompt: dict[str, list[float]] = {}
+    for key, r_pol in policy.items():
+        if key not in reference:
+            continue
+        r_ref = reference[key]
+        per_prompt.setdefault(key[0], []).append(1.0 if r_pol > r_ref else 0.5 if r_pol == r_ref else 0.0)
+    return np.array([np.mean(v) for _, v in sorted(per_prompt.items())])
+
+
+def main(cfg: EvaluateConfig) -> dict:
+    if not cfg.policy or not cfg.reference:
+        raise ValueError("evaluate needs both `policy` (the trained checkpoint) and `reference` model paths")
+    if not cfg.score.models:
+        raise ValueError("evaluate needs a judge: score.models must name at least one reward model")
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_gb, cfg.ray.progress)
+    run = RunDir(cfg.output.dir)
+    run.start("evaluate", to_dict(cfg))
+    in_path = resolve_path(cfg.input.path)
+    raw = read_input(in_path, cfg.input.format, cfg.input.limit)
+    if detect_schema(raw.schema().names) != "prompts" and cfg.input.schema == "auto":
+        say("evaluate uses only the prompts of the held-out input")
+    k = cfg.generate.num_samples
+    score_cfg = replace(cfg.score, models=[replace(m, path=resolve_path(m.path)) for m in cfg.score.models])
+
+    rewards = {}
+    for who, model in (("policy", cfg.policy), ("reference", cfg.reference)):
+        gen = replace(cfg.generate, model=resolve_path(model))
+        stage = f"eval_{who}"
+
+        def build(gen=gen):
+            ds = raw.select_columns([c for c in ("prompt_id", "prompt", "messages", "source")
+                                     if c in raw.schema().names])
+            ds = ds.map_batches(validate_prompts, fn_kwargs={"schema": "prompts", "source": "heldout"},
+                                batch_format="pyarrow")
+            # Same run seed for both models: sample i of a prompt uses the same seed under either policy.
+            ds = apply(ds, _generator(), _gen_resources(gen), cfg=gen, seed=cfg.run.seed)
+            return apply(ds, _scorer(), _score_resources(score_cfg), cfg=score_cfg)
+
+        rec = run_stage(run, stage, fingerprint(cfg.input, gen, score_cfg, cfg.run.seed), build,
+                        rows_in=raw.count, out_as_input=lambda _ds, rows: rows // k, unit_in="prompt",
+                        unit_out="sample")
+        rows = read_stage(run, stage, columns=["prompt_id", "sample_idx", "reward"]).take_all()
+        rewards[who] = {(r["prompt_id"], r["sample_idx"]): r["reward"] for r in rows}
+        say(f"{who}: {rec.rows_out} scored samples, mean reward {np.mean(list(rewards[who].values())):.4f}")
+
+    wins = paired_wins(rewards["policy"], rewards["reference"])
+    rate, lo, hi = win_rate_ci(wins, cfg.bootstrap, cfg.run.seed)
+    summary = {
+        "win_rate": rate, "ci95": [lo, hi], "prompts": int(wins.size), "samples_per_prompt": k,
+        "policy": cfg.policy, "reference": cfg.reference,
+        "judge": [m.path for m in cfg.score.models],
+        "mean_reward_policy": float(np.mean(list(rewards["policy"].values()))),
+        "mean_reward_reference": float(np.mean(list(rewards["reference"].values()))),
+    }
+    run.write_text(json.dumps(summary, indent=2), "eval_summary.json")
+    run.set("evaluation", summary)
+    say(f"win rate of policy over reference (RM-judged): {rate:.3f}  95% CI [{lo:.3f}, {hi:.3f}]  "
+        f"over {wins.size} prompts")
+    return summary
+
+
+# Late imports keep `import pipelines.evaluate` light.
+def _generator():
+    from operators.generate import Generator
+
+    return Generator
+
+
+def _scorer():
+    from operators.score import RewardScorer
+
+    return RewardScorer
+
+
+def _gen_resources(gen):
+    from operators.generate import generator_resources
+
+    return generator_resources(gen)
+
+
+def _score_resources(sc):
+    from operators.score import scorer_resources
+
+    return scorer_resources(sc)
+
+
+if __name__ == "__main__":
+    from pipelines.config import cli
+
+    sys.exit(cli(EvaluateConfig, main, __doc__, sys.argv[1:]))

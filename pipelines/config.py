@@ -156,6 +156,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def check_choice(key: str, value: Any, allowed: typing.Iterable[Any]) -> None:
+    """Raise a ConfigError naming the key, the bad value, the closest allowed value and all of them."""
+    allowed = list(allowed)
+    if value in allowed:
+        return
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: {value!r} is not allowed{hint} (choose one of {', '.join(map(repr, allowed))})")
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
     args = get_args(tp)
@@ -172,8 +182,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        check_choice(key, value, args)
         return value
     if origin is list:
         if not isinstance(value, list):

@@ -39,7 +39,7 @@ class Budget:
         return max(1, min(n, int(math.floor(f * n + 0.5))))
 
 
-def tiebreak(prompt_ids, seed: int) -> np.ndarray:
+def tiebreak(prompt_ids, seed: int | str) -> np.ndarray:
     """A stable 64-bit hash of (seed, prompt_id): deterministic across runs, processes and machines."""
     prefix = f"{seed}\x00".encode()
     return np.array(
@@ -90,7 +90,10 @@ def _by_column(name: str, descending: bool, rule: str):
 
 
 def _random(table: pa.Table, p: RuleParams, tb: np.ndarray):
-    return rank_by(np.zeros(table.num_rows), tb, False), np.ones(table.num_rows, bool), {}
+    # Its own salt: ordering by the tie-break hash itself would make `random` agree with every other rule
+    # wherever that rule's ties are split, inflating their overlap.
+    key = tiebreak(table.column("prompt_id").to_pylist(), f"random:{p.seed}").astype(np.float64)
+    return rank_by(key, tb, False), np.ones(table.num_rows, bool), {}
 
 
 def _margin_curriculum(table: pa.Table, p: RuleParams, tb: np.ndarray):
@@ -99,15 +102,12 @@ def _margin_curriculum(table: pa.Table, p: RuleParams, tb: np.ndarray):
     ranks = rank_by(margin, tb, descending=True)
     if p.margin_tau is not None and p.sft_quantile is not None:
         raise SelectionError("margin_curriculum takes select.margin_tau or select.sft_quantile, not both")
+    if p.sft_quantile is not None and not 0.0 <= p.sft_quantile <= 1.0:
+        raise SelectionError(f"select.sft_quantile must lie in [0, 1], got {p.sft_quantile}")
     route = np.full(table.num_rows, "dpo", dtype=object)
     if p.margin_tau is not None:
         route[margin < p.margin_tau] = "sft"
-    elif p.sft_quantile is not None:
-        if not 0.0 <= p.sft_quantile <= 1.0:
-            raise SelectionError(f"select.sft_quantile must lie in [0, 1], got {p.sft_quantile}")
-        n_sft = int(math.floor(p.sft_quantile * np.isfinite(margin).sum() + 0.5))
-        hardest = ranks >= (np.isfinite(margin).sum() - n_sft)
-        route[hardest & np.isfinite(margin)] = "sft"
+    # A quantile is taken over the selected pairs, after the budget: see `select`.
     return ranks, np.isfinite(margin), {"route": route}
 
 
@@ -189,6 +189,11 @@ def select(table: pa.Table, rule: str, budget: Budget, params: RuleParams,
         sel_idx = np.flatnonzero(selected)
         sel_sorted = sel_idx[np.argsort(ranks[sel_idx], kind="stable")]  # global easy -> hard
         order_col[sel_sorted] = np.arange(sel_sorted.size)
+        if params.sft_quantile is not None:
+            # MixDPO: the hardest share of the pairs that will be trained on goes to SFT.
+            n_sft = int(math.floor(params.sft_quantile * sel_sorted.size + 0.5))
+            if n_sft:
+                route[sel_sorted[sel_sorted.size - n_sft:]] = "sft"
     return pa.table({
         "prompt_id": pa.array(ids, pa.string()),
         "selected": pa.array(selected),

@@ -310,8 +310,11 @@ def resolve_path(path: str, base: Path | None = None) -> str:
     return str(p.resolve())
 
 
-def cli(cls: type[T], main, doc: str | None, argv: list[str]) -> int:
-    """`--config FILE [key.sub=value ...]`: parse, run `main(cfg)`, and turn config mistakes into one clear line."""
+def cli(cls: type[T], main, doc: str | None, argv: list[str], finish=None) -> int:
+    """`--config FILE [key.sub=value ...]`: parse, run `main(cfg)`, and turn config mistakes into one clear line.
+
+    `finish(cfg) -> run_dir` names the run folder whose report and summary table end the run.
+    """
     import argparse
 
     ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None,
@@ -325,4 +328,11 @@ def cli(cls: type[T], main, doc: str | None, argv: list[str]) -> int:
         print(f"config error: {e}", flush=True)
         return 2
     main(cfg)
+    if finish is not None:
+        from pipelines.report import print_summary, write_report
+
+        run_dir = finish(cfg)
+        path = write_report(run_dir)
+        print_summary(run_dir)
+        print(f"[prefsift] report:     {path}", flush=True)
     return 0

@@ -179,4 +179,4 @@ def main(cfg: CurateConfig) -> dict:
 if __name__ == "__main__":
     from pipelines.config import cli
 
-    sys.exit(cli(CurateConfig, main, __doc__, sys.argv[1:]))
+    sys.exit(cli(CurateConfig, main, __doc__, sys.argv[1:], finish=lambda c: c.output.dir))

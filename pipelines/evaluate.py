@@ -144,4 +144,4 @@ def _score_resources(sc):
 if __name__ == "__main__":
     from pipelines.config import cli
 
-    sys.exit(cli(EvaluateConfig, main, __doc__, sys.argv[1:]))
+    sys.exit(cli(EvaluateConfig, main, __doc__, sys.argv[1:], finish=lambda c: c.output.dir))

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pyarrow as pa
@@ -62,6 +63,11 @@ def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str) -> dict:
 def main(cfg: CurateConfig) -> dict:
     from pipelines.stages import init_ray
 
+    local = "://" not in cfg.output.dir
+    if local and not os.path.exists(os.path.join(cfg.output.dir, "stats", "_SUCCESS")):
+        raise FileNotFoundError(
+            f"{cfg.output.dir} has no complete stats/ stage; run `python -m pipelines.curate` first"
+        )
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_gb, cfg.ray.progress)
     run = RunDir(cfg.output.dir)
     if not run.exists("stats", "_SUCCESS"):
@@ -79,4 +85,4 @@ def main(cfg: CurateConfig) -> dict:
 if __name__ == "__main__":
     from pipelines.config import cli
 
-    sys.exit(cli(CurateConfig, main, __doc__, sys.argv[1:]))
+    sys.exit(cli(CurateConfig, main, __doc__, sys.argv[1:], finish=lambda c: c.output.dir))

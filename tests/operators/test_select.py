@@ -130,3 +130,19 @@ def test_pairs_from_selected_stats_and_tied_prompts_quarantined():
     assert a["route"] == "dpo" and a["order"] == 0 and a["_quarantine"] is None
     b = next(p for p in pairs if p["prompt_id"] == "b")
     assert b["_quarantine"] == "all_rewards_equal"
+
+
+def test_sft_quantile_is_taken_over_the_selected_pairs():
+    t = pa.table({"prompt_id": list("abcdef"), "margin": [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]})
+    out = {r["prompt_id"]: r for r in select(t, "margin_curriculum", Budget(fraction=0.5),
+                                             RuleParams(sft_quantile=1 / 3)).to_pylist()}
+    assert {p for p, r in out.items() if r["selected"]} == {"a", "b", "c"}
+    # the hardest third of the three kept pairs, not of all six
+    assert {p for p, r in out.items() if r["selected"] and r["route"] == "sft"} == {"c"}
+
+
+def test_random_does_not_reuse_the_tie_break_order():
+    t = pa.table({"prompt_id": [f"q{i}" for i in range(200)], "pvar": [0.1] * 200})
+    tied = chosen(select(t, "pvar_top", Budget(count=50), RuleParams(seed=0)))
+    rnd = chosen(select(t, "random", Budget(count=50), RuleParams(seed=0)))
+    assert len(tied & rnd) < 35  # independent draws overlap by ~12 of 50 on average

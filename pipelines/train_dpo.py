@@ -276,7 +276,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
                                                      trust_remote_code=cfg.model.trust_remote_code)
         if checkpoint:
-            state = torch.load(os.path.join(src, tu.TRAINER_STATE), map_location="cpu", weights_only=False)
+            # weights_only: a checkpoint folder on shared storage may be writable by others, and a pickle
+            # there would run code in every worker; the state is tensors and plain containers.
+            state = torch.load(os.path.join(src, tu.TRAINER_STATE), map_location="cpu", weights_only=True)
     tu.disable_dropout(model)
     if oc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -50,7 +50,7 @@ UNSAFE = [
     (r"\bdill\.loads?\(", "dill.load"),
     (r"\bjoblib\.load\(", "joblib.load"),
     (r"\bpd\.read_pickle\(|\bpandas\.read_pickle\(", "read_pickle"),
-    (r"\byaml\.(unsafe_)?load\((?![^)]*SafeLoader)", "yaml.load without SafeLoader"),
+    (r"\byaml\.(unsafe_load|full_load|load_all)\(", "yaml unsafe/full load"),
     (r"\bnp\.load\([^)]*allow_pickle\s*=\s*True", "np.load(allow_pickle=True)"),
     (r"\btrust_remote_code\s*=\s*True", "trust_remote_code=True"),
 ]
@@ -79,6 +79,12 @@ def test_no_unpickling_of_user_data_in_the_code():
         for m in re.finditer(r"\btorch\.load\(", text):
             call = _call_text(text, m.end() - 1)
             if "weights_only=True" not in call.replace(" ", ""):
+                problems.append(f"{rel}:{text.count(chr(10), 0, m.start()) + 1}: {call}")
+        # yaml.load must name a SafeLoader or a subclass of it (test_yaml_with_python_tags_is_refused checks
+        # that the config loader still refuses Python tags).
+        for m in re.finditer(r"\byaml\.load\(", text):
+            call = _call_text(text, m.end() - 1)
+            if not re.search(r"Loader\s*=\s*\w*SafeLoader\b", call):
                 problems.append(f"{rel}:{text.count(chr(10), 0, m.start()) + 1}: {call}")
     assert not problems, "\n".join(problems)
 

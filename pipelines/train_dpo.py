@@ -216,6 +216,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         train_loop_config={
             "cfg": cfg, "policy": policy, "out_dir": out_dir, "total_steps": total_steps, "n_pairs": n_pairs,
             "positions": ray.put(positions) if positions is not None else None,
+            # A live bar (tqdm_ray) only for a terminal; into a log (`ray job logs`, CI) Ray's bar manager
+            # redraws a closed bar before every later driver line, so rank 0 prints progress lines there.
+            "progress": "bar" if cfg.ray.progress and sys.stderr.isatty() else "lines",
         },
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
@@ -312,11 +315,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics_file = os.path.join(config["out_dir"], "train", "metrics.jsonl")
     batch_log = os.path.join(config["out_dir"], "train", "batches", f"rank{rank}.jsonl")
     bar = None
-    if rank == 0:
+    if rank == 0 and config.get("progress") == "bar":
         from ray.experimental.tqdm_ray import tqdm
 
         bar = tqdm(total=total_steps, desc="train", unit="step")
         bar.update(start_step)
+    line_every = max(1, (total_steps - start_step) // 10)  # about ten progress lines a run
 
     # --- train loop ---------------------------------------------------------------------------------------
     model.train()
@@ -362,9 +366,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "epoch": done * global_batch / config["n_pairs"]}
         if rank == 0:
             tu.append_jsonl(metrics_file, {**last, "time": time.time()})
-            assert bar is not None
-            bar.set_description(f"train loss {means['loss']:.4f} {last['pairs_per_s']:.1f} pairs/s")
-            bar.update(1)
+            progress = f"train loss {means['loss']:.4f} {last['pairs_per_s']:.1f} pairs/s"
+            if bar is not None:
+                bar.set_description(progress)
+                bar.update(1)
+            elif (done - start_step) % line_every == 0 or done == total_steps:
+                # Not print(): Ray Train patches it into its logger, which echoes each line twice here.
+                sys.stderr.write(f"[prefsift] {progress}, step {done}/{total_steps}\n")
+                sys.stderr.flush()
 
         # --- checkpoint: every N steps and at the end ---------------------------------------------------
         every = cfg.checkpoint.every_n_steps

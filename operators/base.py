@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     import ray.data
 
 QUARANTINE = "_quarantine"  # null for a good row, else the reason it was set aside
+# Optional free text beside the reason (the file and line of a bad input line, the field and type found).
+# The reason stays a category that the manifest counts; the detail goes to quarantine/ only.
+QUARANTINE_DETAIL = "_quarantine_detail"
 
 
 class ColumnError(ValueError):
@@ -64,15 +67,17 @@ def check_columns(op: type[Operator], columns: list[str] | tuple[str, ...], wher
 
 def map_batches_kwargs(op: type[Operator], resources: Resources, **ctor_kwargs: Any) -> dict[str, Any]:
     """The single translation from an operator's declared resources to Ray Data's `map_batches` arguments."""
-    concurrency = resources.concurrency
-    if isinstance(concurrency, list):
-        concurrency = tuple(concurrency)
+    from ray.data import ActorPoolStrategy
+
+    size = resources.concurrency
+    pool = ActorPoolStrategy(min_size=size[0], max_size=size[1]) if isinstance(size, (tuple, list)) \
+        else ActorPoolStrategy(size=size)
     kwargs: dict[str, Any] = dict(
         fn=op,
         fn_constructor_kwargs=ctor_kwargs,
         batch_format="pyarrow",
         batch_size=resources.batch_size,
-        concurrency=concurrency,
+        compute=pool,  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=resources.num_cpus,
     )
     if resources.max_restarts is not None:

@@ -3,7 +3,9 @@
 One input row is a prompt with a list of responses, each `{text, model, scores: {aspect: float}, overall,
 label?}`. One output row is a response: `overall` becomes `reward`, `scores[aspect]` becomes
 `reward__<aspect>`, the list position becomes `sample_idx`, and `label` (chosen / rejected) is kept so that
-already-paired data keeps its pair.
+already-paired data keeps its pair. Every other column of the prompt row is copied onto its responses,
+unless a response column has the same name. A response's `problem` (a wrong type found by the JSONL reader)
+is its quarantine reason.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.base import QUARANTINE, with_quarantine
+from operators.base import QUARANTINE, QUARANTINE_DETAIL, with_quarantine
 from operators.stats import ASPECT_PREFIX
 
-PROMPT_COLUMNS = ("prompt_id", "prompt", "messages", "source")
+RESPONSE_COLUMNS = ("sample_idx", "response", "response_len", "model", "label", "reward")
 
 
 def _scores_to_columns(scores: pa.Array) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -55,8 +57,9 @@ def explode_rated(batch: pa.Table) -> pa.Table:
     take = pa.array(parent)
 
     cols: dict[str, pa.Array] = {}
-    for c in PROMPT_COLUMNS:
-        if c in batch.column_names:
+    for c in batch.column_names:
+        if c not in ("responses", QUARANTINE, QUARANTINE_DETAIL, *RESPONSE_COLUMNS) \
+                and not c.startswith(ASPECT_PREFIX):
             cols[c] = batch.column(c).take(take)
     cols["sample_idx"] = pa.array(sample_idx.astype(np.int64))
 
@@ -79,7 +82,11 @@ def explode_rated(batch: pa.Table) -> pa.Table:
         cols[ASPECT_PREFIX + name] = pa.array(vals, mask=null)
 
     reasons = np.array([None] * len(flat), dtype=object)
-    reasons[_null_mask(text)] = "missing_response"
+    if "problem" in fields:
+        problem = pc.struct_field(flat, [fields["problem"]]).to_numpy(zero_copy_only=False)
+        reasons[:] = problem
+    free = reasons == None  # noqa: E711
+    reasons[free & _null_mask(text)] = "missing_response"
     free = reasons == None  # noqa: E711
     reasons[free & reward_missing] = "missing_reward"
     free = reasons == None  # noqa: E711

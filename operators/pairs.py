@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.base import QUARANTINE
+from operators.stats import STATS_TABLE_COLUMNS
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "prompt_id", "score_chosen", "score_rejected", "margin", "pvar",
                 "route", "order")
@@ -36,13 +37,18 @@ def keep_selected(batch: pa.Table) -> pa.Table:
 
 def build_pairs(batch: pa.Table) -> pa.Table:
     """Selected statistics rows -> pair rows. A prompt whose responses all scored the same has no preference
-    to learn from; it is quarantined (`all_rewards_equal`) rather than paired with itself."""
+    to learn from; it is quarantined (`all_rewards_equal`) rather than paired with itself. So is a pair whose
+    two texts are the same string with different scores (`identical_chosen_rejected`, e.g. two models that
+    both answered "negative"): DPO's loss is constant on it, so it would only take a place in the budget.
+    Prompt-level input columns the statistics carried (`source`, any extra input column) are kept."""
     same = (batch.column("best_idx").to_numpy(zero_copy_only=False)
             == batch.column("worst_idx").to_numpy(zero_copy_only=False))
     chosen, rejected = batch.column("best_response"), batch.column("worst_response")
+    identical = pc.fill_null(pc.equal(chosen, rejected), False).to_numpy(zero_copy_only=False)
     if "messages" in batch.column_names:
-        # Conversational input stays conversational (TRL's message-list schema) on every side.
-        prompt = batch.column("messages")
+        # Conversational input stays conversational (TRL's message-list schema) on every side; in a file that
+        # mixes message rows with plain-prompt rows, a plain prompt becomes one user turn.
+        prompt = _conversations(batch)
         chosen, rejected = _as_assistant_turn(chosen), _as_assistant_turn(rejected)
     else:
         prompt = batch.column("prompt")
@@ -61,8 +67,25 @@ def build_pairs(batch: pa.Table) -> pa.Table:
     for extra in ("source", "pd", "rank", "selector"):
         if extra in batch.column_names:
             cols[extra] = batch.column(extra)
-    cols[QUARANTINE] = pa.array(np.where(same, "all_rewards_equal", None), type=pa.string())
+    for extra in batch.column_names:  # carried input columns
+        if extra not in cols and extra not in NOT_CARRIED:
+            cols[extra] = batch.column(extra)
+    reason = np.where(same, "all_rewards_equal", np.where(identical, "identical_chosen_rejected", None))
+    cols[QUARANTINE] = pa.array(reason, type=pa.string())
     return pa.table(cols)
+
+
+NOT_CARRIED = {*STATS_TABLE_COLUMNS, "prompt", "selected", "route", "order", QUARANTINE}
+
+
+def _conversations(batch: pa.Table) -> pa.Array:
+    msgs = batch.column("messages")
+    if "prompt" not in batch.column_names or not pc.any(pc.is_null(msgs)).as_py():
+        return msgs.combine_chunks() if isinstance(msgs, pa.ChunkedArray) else msgs
+    prompts = batch.column("prompt").to_pylist()
+    rows = [m if m is not None else [{"role": "user", "content": p}] for m, p in zip(msgs.to_pylist(), prompts,
+                                                                                    strict=True)]
+    return pa.array(rows, type=msgs.type)
 
 
 def _as_assistant_turn(texts) -> pa.Array:

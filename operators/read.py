@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,13 +12,34 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.base import QUARANTINE, ColumnError, with_quarantine
+from operators.base import QUARANTINE, QUARANTINE_DETAIL, ColumnError, with_quarantine
 
 SCHEMAS = ("prompts", "rated", "binarized")
 
 
 class InputError(ValueError):
     """The input cannot be read as asked; the message names the path and the problem."""
+
+
+@contextlib.contextmanager
+def input_errors():
+    """A read task's InputError (a truncated .gz, say) reaches the driver wrapped in Ray's task and stage
+    errors; raise it as itself, so that the message the user sees is the one naming the file."""
+    try:
+        yield
+    except Exception as e:
+        cause: BaseException | None = e
+        seen: set[int] = set()
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            inner = getattr(cause, "cause", None) or cause.__cause__
+            if isinstance(cause, InputError) and not isinstance(inner, InputError):
+                break  # the innermost: Ray's RayTaskError(InputError) is an InputError too, with a traceback
+            cause = inner
+        if cause is None or cause is e:
+            raise
+        # Our messages are one line; Ray Data appends its retry notes to the exception's text.
+        raise InputError(str(cause).splitlines()[0]) from e
 
 
 def detect_format(path: str) -> str:
@@ -69,7 +91,13 @@ def read_input(path: str, fmt: str = "auto", limit: int | None = None):
     if fmt == "parquet":
         ds = ray.data.read_parquet(path)
     elif fmt == "jsonl":
-        ds = ray.data.read_json(path, lines=True)
+        from operators.jsonl import JsonlDatasource, peek_columns
+
+        columns, seen, problem = peek_columns(path)
+        if not seen:
+            raise InputError(f"input {path} holds no readable rows: {problem}" if problem
+                             else f"input {path} holds no rows (empty or blank)")
+        ds = ray.data.read_datasource(JsonlDatasource(path, columns))
     elif fmt == "hf_disk":
         import datasets
 
@@ -123,22 +151,29 @@ def _last_assistant(value):
 
 
 def _prompt_text(batch: pa.Table) -> pa.Array:
-    if "prompt" in batch.column_names:
-        return batch.column("prompt").combine_chunks()
-    # messages: the conversation's text, for the emptiness check only
-    msgs = batch.column("messages").to_pylist()
-    return pa.array([" ".join((m or {}).get("content") or "" for m in (ms or [])) for ms in msgs], pa.string())
+    """Per row, the text the generator will read: the messages when the row has them, else the prompt (a file
+    may mix both kinds of row). For the emptiness check only."""
+    n = batch.num_rows
+    prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * n
+    msgs = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
+    return pa.array([" ".join((m or {}).get("content") or "" for m in ms) if ms else p
+                     for p, ms in zip(prompts, msgs, strict=True)], pa.string())
+
+
+def _as_string_column(batch: pa.Table, name: str) -> pa.Table:
+    col = batch.column(name)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return batch
+    return batch.set_column(batch.column_names.index(name), name, pc.cast(col, pa.string()))
 
 
 def validate_prompts(batch: pa.Table, schema: str, source: str) -> pa.Table:
     """Row checks that need no model: ids as strings, empty prompts, too few responses; `source` filled in."""
     n = batch.num_rows
-    pid = batch.column("prompt_id")
-    if not pa.types.is_string(pid.type) and not pa.types.is_large_string(pid.type):
-        pid = pc.cast(pid, pa.string())
-        batch = batch.set_column(batch.column_names.index("prompt_id"), "prompt_id", pid)
+    batch = _as_string_column(batch, "prompt_id")
     if "source" not in batch.column_names:
         batch = batch.append_column("source", pa.array([source] * n, pa.string()))
+    batch = _as_string_column(batch, "source")
     reasons = np.array([None] * n, dtype=object)
     ids = batch.column("prompt_id").to_pylist()
     for i, v in enumerate(ids):
@@ -175,7 +210,7 @@ def dedupe_block(batch: pa.Table) -> pa.Table:
     by_id: dict[str, list[int]] = {}
     for i in dup_rows:
         by_id.setdefault(ids[i], []).append(int(i))
-    cols = [c for c in batch.column_names if c != QUARANTINE]
+    cols = [c for c in batch.column_names if c not in (QUARANTINE, QUARANTINE_DETAIL)]
     for rows in by_id.values():
         digests = [_row_digest(batch.select(cols).slice(i, 1).to_pylist()[0]) for i in rows]
         if len(set(digests)) == 1:
@@ -204,7 +239,87 @@ def required_columns(schema: str) -> tuple[tuple[str, ...], ...]:
 def check_input_columns(columns: list[str], schema: str, path: str) -> None:
     missing = [" or ".join(g) for g in required_columns(schema) if not any(c in columns for c in g)]
     if missing:
+        shown = [c for c in columns if c not in (QUARANTINE, QUARANTINE_DETAIL)]
         raise ColumnError(
             f"input {path} ({schema} schema) lacks required column(s): {', '.join(missing)}; "
-            f"it has: {', '.join(columns) or '(none)'}"
+            f"it has: {', '.join(shown) or '(none)'}"
         )
+
+
+# Column types. Parquet and saved datasets type a whole column, so a wrong type is a ColumnError before
+# anything runs; JSONL rows are typed one by one (operators.jsonl), so there a wrong type quarantines a row.
+def _str(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _num(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_null(t)
+
+
+def _items(t: pa.DataType) -> pa.DataType | None:
+    """The item type of a list column, else None."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return t.value_type
+    return None
+
+
+def _fields(t: pa.DataType) -> dict[str, pa.DataType]:
+    return {t.field(i).name: t.field(i).type for i in range(t.num_fields)} if pa.types.is_struct(t) else {}
+
+
+def _messages_ok(t: pa.DataType) -> bool:
+    item = _items(t)
+    if pa.types.is_null(t) or (item is not None and pa.types.is_null(item)):
+        return True
+    f = _fields(item) if item is not None else {}
+    return "role" in f and "content" in f and _str(f["role"]) and _str(f["content"])
+
+
+def _response_problem(t: pa.DataType) -> str | None:
+    item = _items(t)
+    if pa.types.is_null(t) or (item is not None and pa.types.is_null(item)):
+        return None
+    if item is None or not pa.types.is_struct(item):
+        return f"has type {t}; expected a list of {{text, overall, scores}} objects"
+    f = _fields(item)
+    for name in ("text", "model", "label"):
+        if name in f and not _str(f[name]):
+            return f"field {name!r} has type {f[name]}; expected a string"
+    if "overall" in f and not _num(f["overall"]):
+        return f"field 'overall' has type {f['overall']}; expected a number"
+    scores = f.get("scores")
+    if scores is not None and not pa.types.is_null(scores):
+        values = (list(_fields(scores).values()) if pa.types.is_struct(scores)
+                  else [scores.item_type] if pa.types.is_map(scores) else None)
+        if values is None or not all(_num(v) for v in values):
+            return f"field 'scores' has type {scores}; expected {{aspect: number}}"
+    return None
+
+
+TYPE_RULES = {
+    "prompt_id": (lambda t: _str(t) or pa.types.is_integer(t), "a string (an integer is cast to one)"),
+    "prompt": (_str, "a string"),
+    "messages": (_messages_ok, "a list of {role: string, content: string}"),
+    "source": (lambda t: _str(t) or pa.types.is_integer(t), "a string"),
+    "chosen": (lambda t: _str(t) or _messages_ok(t), "a string or a list of {role, content}"),
+    "rejected": (lambda t: _str(t) or _messages_ok(t), "a string or a list of {role, content}"),
+    "score_chosen": (_num, "a number"),
+    "score_rejected": (_num, "a number"),
+}
+
+
+def check_input_types(schema, path: str) -> None:
+    """Name every contract column whose type is wrong (`schema`: a pyarrow or a Ray Data schema)."""
+    schema = getattr(schema, "base_schema", schema)
+    if not isinstance(schema, pa.Schema):
+        return
+    problems = []
+    for field in schema:
+        if field.name in TYPE_RULES:
+            ok, expected = TYPE_RULES[field.name]
+            if not ok(field.type):
+                problems.append(f"column {field.name!r} has type {field.type}; expected {expected}")
+        elif field.name == "responses" and (why := _response_problem(field.type)):
+            problems.append(f"column 'responses' {why}")
+    if problems:
+        raise ColumnError(f"input {path}: {'; '.join(problems)}")

@@ -209,9 +209,24 @@ class StatsParams:
     tau: float = 1.0
     pd_target: str = "overall"
     norms: PDNorms | None = None  # None: no PD (single-score data)
+    carry: tuple[str, ...] = ("prompt", "source")  # per-prompt columns copied into the statistics table
 
 
-CARRY = ("prompt", "source")  # per-prompt columns copied into the statistics table
+# Columns of the statistics table that the statistics themselves make (beside the carried ones).
+STATS_TABLE_COLUMNS = ("prompt_id", *STAT_COLUMNS, "score_best", "score_worst", "best_response",
+                       "worst_response", "paired", "tau", "messages")
+# Columns of the long scored table that belong to one response, not to its prompt.
+RESPONSE_LEVEL = ("sample_idx", "response", "response_len", "model", "label", "reward", "num_tokens",
+                  "finish_reason", "seed", "generator")
+
+
+def carry_columns(prompt_columns, scored_columns) -> tuple[str, ...]:
+    """The prompt-level input columns (prompt, source and any extra ones) that reach the statistics and the
+    pairs: those still in the scored table under their own name, not shadowed by a column a stage adds."""
+    scored = set(scored_columns)
+    skip = {"prompt_id", "responses", *STATS_TABLE_COLUMNS, *RESPONSE_LEVEL}
+    return tuple(c for c in prompt_columns if c in scored and c not in skip and not c.startswith(ASPECT_PREFIX)
+                 and not c.startswith("_"))
 
 
 def prompt_stats(table: pa.Table, params: StatsParams, max_cells: int = 4_000_000) -> pa.Table:
@@ -311,7 +326,7 @@ def _stats_chunk(t: pa.Table, starts: np.ndarray, sizes: np.ndarray, params: Sta
     flat = lambda pos: starts + pos  # noqa: E731 - index of a group-local position in the chunk
     out = {
         "prompt_id": t.column("prompt_id").take(pa.array(first)),
-        **{c: t.column(c).take(pa.array(first)) for c in CARRY if c in t.column_names},
+        **{c: t.column(c).take(pa.array(first)) for c in params.carry if c in t.column_names},
         "n": pa.array(n),
         "reward_mean": pa.array(mean),
         "reward_std": pa.array(std),
@@ -335,11 +350,18 @@ def _stats_chunk(t: pa.Table, starts: np.ndarray, sizes: np.ndarray, params: Sta
 
 
 def _empty_stats(table: pa.Table, params: StatsParams) -> pa.Table:
+    """The statistics schema for a block with no rows: carried columns keep their input types."""
     one = pa.table({
         "prompt_id": ["x", "x"], "sample_idx": [0, 1], "reward": [0.0, 1.0], "response_len": [1, 1],
-        "response": ["a", "b"], **{c: ["x", "x"] for c in CARRY if c in table.column_names},
+        "response": ["a", "b"],
     })
-    return prompt_stats(one, StatsParams(tau=params.tau)).slice(0, 0)
+    out = prompt_stats(one, StatsParams(tau=params.tau, carry=())).slice(0, 0)
+    out = out.set_column(0, "prompt_id", table.column("prompt_id").slice(0, 0))
+    for i, c in enumerate(c for c in params.carry if c in table.column_names):
+        out = out.add_column(1 + i, c, table.column(c).slice(0, 0))
+    if "messages" in table.column_names:
+        out = out.append_column("messages", table.column("messages").slice(0, 0))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ rerun with the same config skips the stages that are already complete.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -21,14 +22,16 @@ from operators.read import (
     InputError,
     binarized_to_rated,
     check_input_columns,
+    check_input_types,
     check_local_path,
     dedupe_block,
     detect_schema,
+    input_errors,
     read_input,
     validate_prompts,
 )
-from operators.stats import StatsParams, aspect_names, compute_norms, grouped_stats
-from pipelines.config import CurateConfig, fingerprint, resolve_path, to_dict
+from operators.stats import StatsParams, aspect_names, carry_columns, compute_norms, grouped_stats
+from pipelines.config import ConfigError, CurateConfig, fingerprint, resolve_path, to_dict
 from pipelines.manifest import RunDir
 from pipelines.select import run_selection
 from pipelines.stages import column_sums, init_ray, read_stage, run_stage, say
@@ -61,13 +64,42 @@ def input_stamp(path: str) -> list:
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_model_dir(path: str, key: str) -> None:
+    """A local model must be a `save_pretrained` folder: a config.json that parses, with a model_type, and
+    tokenizer files. Checked here, before Ray starts, because inside an actor the same mistake surfaces as
+    a transformers traceback from a worker, after the input has been read."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{key}: {path} is not a model folder: {why} (expected the output of save_pretrained: "
+                          "config.json, weights and tokenizer files)")
+
+    if not os.path.isdir(path):
+        raise bad("it is a file")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise bad("it has no config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"config.json cannot be read as JSON ({e})") from e
+    if not isinstance(data, dict) or not data.get("model_type"):
+        raise bad("config.json has no model_type")
+    if not any(os.path.isfile(os.path.join(path, t)) for t in TOKENIZER_FILES):
+        raise bad(f"it has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
 def model_path(path: str, key: str) -> str:
     """A local model folder becomes absolute (actors may run in another directory or on another node); a
     hub id (`org/name`) or a URI passes through; anything else that does not exist is a config error."""
     if not path or "://" in path:
         return path
     if os.path.exists(os.path.expanduser(path)):
-        return resolve_path(path)
+        resolved = resolve_path(path)
+        check_model_dir(resolved, key)
+        return resolved
     if HUB_ID.match(path):
         return path
     raise FileNotFoundError(f"{key}: model path does not exist: {path}")
@@ -89,13 +121,18 @@ def main(cfg: CurateConfig) -> dict:
     run.start("curate", to_dict(cfg))
 
     # --- read: validate rows, set aside empty prompts and duplicate ids ---------------------------------
-    raw = read_input(in_path, cfg.input.format, cfg.input.limit)
-    raw_schema = raw.schema()
+    with input_errors():  # the schema comes from the first block, which a read task makes
+        raw = read_input(in_path, cfg.input.format, cfg.input.limit)
+        raw_schema = raw.schema()
     if raw_schema is None or not raw_schema.names:
         raise InputError(f"input {in_path} holds no rows")
     columns = list(raw_schema.names)
     schema = detect_schema(columns) if cfg.input.schema == "auto" else cfg.input.schema
+    check_input_types(raw_schema, in_path)
     say(f"input {in_path}: {schema} schema")
+    if schema == "prompts" and cfg.generate.num_samples < 2:
+        raise ConfigError(f"generate.num_samples: curation compares responses, so it needs at least 2 per "
+                          f"prompt, got {cfg.generate.num_samples}")
     source = os.path.basename(in_path.rstrip("/"))
 
     def build_read():
@@ -114,7 +151,12 @@ def main(cfg: CurateConfig) -> dict:
             .map_batches(dedupe_block, batch_format="pyarrow", batch_size=None)
 
     read_fp = fingerprint(cfg.input, input_stamp(in_path))
-    read = run_stage(run, "prompts", read_fp, build_read, rows_in=None, unit_in="prompt", unit_out="prompt")
+    with input_errors():
+        read = run_stage(run, "prompts", read_fp, build_read, rows_in=None, unit_in="prompt", unit_out="prompt")
+    if read.rows_out == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in read.quarantined.items())
+        raise InputError(f"input {in_path}: no usable rows; all {read.rows_in} were quarantined ({reasons}), "
+                         f"see {run.uri_of('quarantine', 'prompts')}")
 
     # --- generate -> score, or ingest the ratings that came with the data --------------------------------
     if schema == "prompts":
@@ -154,7 +196,8 @@ def main(cfg: CurateConfig) -> dict:
         norms = compute_norms(ds, aspects, cfg.stats.length_debias, cfg.stats.debias_rho) if aspects else None
         run.set("stats_params", {"tau": cfg.stats.tau, "pd_target": cfg.stats.pd_target, "aspects": aspects,
                                  "norms": asdict(norms) if norms else None})
-        params = StatsParams(tau=cfg.stats.tau, pd_target=cfg.stats.pd_target, norms=norms)
+        carry = carry_columns(read_stage(run, "prompts").schema().names, ds.schema().names)
+        params = StatsParams(tau=cfg.stats.tau, pd_target=cfg.stats.pd_target, norms=norms, carry=carry)
         return grouped_stats(ds, params, partitions_for(scored.rows_out, cfg.stats.num_partitions))
 
     run_stage(run, "stats", stats_fp, build_stats, rows_in=scored.rows_out,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from operators.base import apply
+from operators.base import QUARANTINE, QUARANTINE_DETAIL, apply
 from operators.read import detect_schema, read_input, validate_prompts
 from pipelines.config import (
     GenerateCfg,
@@ -85,8 +85,9 @@ def main(cfg: EvaluateConfig) -> dict:
         stage = f"eval_{who}"
 
         def build(gen=gen):
-            ds = raw.select_columns([c for c in ("prompt_id", "prompt", "messages", "source")
-                                     if c in raw.schema().names])
+            # The quarantine columns keep the reason the JSONL reader gave a bad line.
+            ds = raw.select_columns([c for c in ("prompt_id", "prompt", "messages", "source", QUARANTINE,
+                                                 QUARANTINE_DETAIL) if c in raw.schema().names])
             ds = ds.map_batches(validate_prompts, fn_kwargs={"schema": "prompts", "source": "heldout"},
                                 batch_format="pyarrow")
             # Same run seed for both models: sample i of a prompt uses the same seed under either policy.

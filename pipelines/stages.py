@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from operators.base import QUARANTINE
+from operators.base import QUARANTINE, QUARANTINE_DETAIL
 from pipelines.manifest import SUCCESS, RunDir, StageRecord
 
 log = logging.getLogger("prefsift")
@@ -53,14 +53,15 @@ def _good(table: pa.Table) -> pa.Table:
     if QUARANTINE not in table.column_names:
         return table
     keep = table.filter(pc.is_null(table.column(QUARANTINE)))
-    return keep.drop_columns([QUARANTINE])
+    return keep.drop_columns([c for c in (QUARANTINE, QUARANTINE_DETAIL) if c in keep.column_names])
 
 
 def _bad(table: pa.Table) -> pa.Table:
     if QUARANTINE not in table.column_names:
         return table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
     bad = table.filter(pc.is_valid(table.column(QUARANTINE)))
-    return bad.rename_columns([("reason" if c == QUARANTINE else c) for c in bad.column_names])
+    names = {QUARANTINE: "reason", QUARANTINE_DETAIL: "detail"}
+    return bad.rename_columns([names.get(c, c) for c in bad.column_names])
 
 
 def _block_sums(table: pa.Table, columns: list[str]) -> pa.Table:

@@ -119,7 +119,9 @@ def test_rerun_skips_completed_stages_and_select_reuses_stats(uf_run):
     assert (out / "stats" / "_SUCCESS").stat().st_mtime_ns == before
     pairs = read(out, "pairs")
     assert res["records"]["pairs"].rows_out == len(pairs)
-    assert len(pairs) == 1200 - sum(1 for s in read(out, "stats") if s["best_idx"] == s["worst_idx"])
+    # all_rewards_equal, and identical_chosen_rejected (the same text twice with different scores) stay out
+    assert len(pairs) == 1200 - sum(1 for s in read(out, "stats") if s["best_idx"] == s["worst_idx"]
+                                    or s["best_response"] == s["worst_response"])
     orders = sorted(p["order"] for p in pairs)
     assert orders == list(range(len(orders))) or len(set(orders)) == len(orders)
     by_order = sorted(pairs, key=lambda p: p["order"])

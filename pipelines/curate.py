@@ -9,10 +9,8 @@ rerun with the same config skips the stages that are already complete.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import sys
 from dataclasses import asdict, replace
 
@@ -31,7 +29,7 @@ from operators.read import (
     validate_prompts,
 )
 from operators.stats import StatsParams, aspect_names, carry_columns, compute_norms, grouped_stats
-from pipelines.config import ConfigError, CurateConfig, fingerprint, resolve_path, to_dict
+from pipelines.config import ConfigError, CurateConfig, fingerprint, model_path, resolve_path, to_dict
 from pipelines.manifest import RunDir
 from pipelines.select import run_selection
 from pipelines.stages import column_sums, init_ray, read_stage, run_stage, say
@@ -59,50 +57,6 @@ def input_stamp(path: str) -> list:
         return [path, st.st_size, int(st.st_mtime)]
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
     return [path] + [[f, os.stat(f).st_size, int(os.stat(f).st_mtime)] for f in files]
-
-
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-def check_model_dir(path: str, key: str) -> None:
-    """A local model must be a `save_pretrained` folder: a config.json that parses, with a model_type, and
-    tokenizer files. Checked here, before Ray starts, because inside an actor the same mistake surfaces as
-    a transformers traceback from a worker, after the input has been read."""
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{key}: {path} is not a model folder: {why} (expected the output of save_pretrained: "
-                          "config.json, weights and tokenizer files)")
-
-    if not os.path.isdir(path):
-        raise bad("it is a file")
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise bad("it has no config.json")
-    try:
-        with open(config, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"config.json cannot be read as JSON ({e})") from e
-    if not isinstance(data, dict) or not data.get("model_type"):
-        raise bad("config.json has no model_type")
-    if not any(os.path.isfile(os.path.join(path, t)) for t in TOKENIZER_FILES):
-        raise bad(f"it has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-
-
-def model_path(path: str, key: str) -> str:
-    """A local model folder becomes absolute (actors may run in another directory or on another node); a
-    hub id (`org/name`) or a URI passes through; anything else that does not exist is a config error."""
-    if not path or "://" in path:
-        return path
-    if os.path.exists(os.path.expanduser(path)):
-        resolved = resolve_path(path)
-        check_model_dir(resolved, key)
-        return resolved
-    if HUB_ID.match(path):
-        return path
-    raise FileNotFoundError(f"{key}: model path does not exist: {path}")
 
 
 def resolve_models(cfg: CurateConfig) -> CurateConfig:

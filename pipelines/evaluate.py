@@ -22,6 +22,7 @@ from pipelines.config import (
     RunCfg,
     ScoreCfg,
     fingerprint,
+    model_path,
     resolve_path,
     to_dict,
 )
@@ -69,6 +70,9 @@ def main(cfg: EvaluateConfig) -> dict:
         raise ValueError("evaluate needs both `policy` (the trained checkpoint) and `reference` model paths")
     if not cfg.score.models:
         raise ValueError("evaluate needs a judge: score.models must name at least one reward model")
+    # Model folders are checked before Ray starts (a wrong checkpoint path is the common mistake here).
+    models = {"policy": model_path(cfg.policy, "policy"), "reference": model_path(cfg.reference, "reference")}
+    judges = [replace(m, path=model_path(m.path, f"score.models[{i}].path")) for i, m in enumerate(cfg.score.models)]
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_gb, cfg.ray.progress)
     run = RunDir(cfg.output.dir)
     run.start("evaluate", to_dict(cfg))
@@ -77,11 +81,11 @@ def main(cfg: EvaluateConfig) -> dict:
     if detect_schema(raw.schema().names) != "prompts" and cfg.input.schema == "auto":
         say("evaluate uses only the prompts of the held-out input")
     k = cfg.generate.num_samples
-    score_cfg = replace(cfg.score, models=[replace(m, path=resolve_path(m.path)) for m in cfg.score.models])
+    score_cfg = replace(cfg.score, models=judges)
 
     rewards = {}
-    for who, model in (("policy", cfg.policy), ("reference", cfg.reference)):
-        gen = replace(cfg.generate, model=resolve_path(model))
+    for who, model in models.items():
+        gen = replace(cfg.generate, model=model)
         stage = f"eval_{who}"
 
         def build(gen=gen):

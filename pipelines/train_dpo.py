@@ -25,6 +25,7 @@ from pipelines.config import (
     check_choice,
     fingerprint,
     load_config,
+    model_path,
     resolve_path,
     to_dict,
 )
@@ -160,9 +161,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     validate(cfg)
     loss_fn = get_loss(cfg.loss.name, cfg.loss.weights)
     out_dir = resolve_path(cfg.output.dir)
-    # Local model folders become absolute paths (workers may run elsewhere); hub ids pass through.
-    policy = resolve_path(cfg.model.policy) if os.path.exists(os.path.expanduser(cfg.model.policy)) \
-        else cfg.model.policy
+    # Checked before Ray starts; local model folders become absolute (workers may run elsewhere).
+    policy = model_path(cfg.model.policy, "model.policy")
+    ref_model = model_path(cfg.reference.model, "reference.model") if cfg.reference.model else policy
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_gb, cfg.ray.progress)
     run = RunDir(out_dir)
     run.start("train", to_dict(cfg))
@@ -176,9 +177,6 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     # --- reference log-probs, once: a Ray Data stage written to pairs_ref/ ------------------------------
     have_ref = {"ref_chosen_logp", "ref_rejected_logp"} <= set(ds.schema().names)
     if loss_fn.needs_reference and not have_ref:
-        ref_model = cfg.reference.model or policy
-        if os.path.exists(os.path.expanduser(ref_model)):
-            ref_model = resolve_path(ref_model)
         rc = cfg.reference
         fp = fingerprint(rc, ref_model, cfg.input.max_length, tu.input_stamp(pairs))
         res = Resources(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, concurrency=rc.concurrency,

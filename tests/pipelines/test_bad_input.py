@@ -21,7 +21,7 @@ import pytest
 from operators.base import QUARANTINE, QUARANTINE_DETAIL, ColumnError
 from operators.read import InputError, read_input, validate_prompts
 from pipelines import curate
-from pipelines.config import ConfigError, CurateConfig, from_dict, load_config, load_yaml
+from pipelines.config import ConfigError, CurateConfig, check_model_dir, from_dict, load_config, load_yaml
 
 
 def resp(text, overall, **scores):
@@ -481,7 +481,10 @@ def no_ray(monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("Ray was started before the model paths were checked")
 
-    monkeypatch.setattr(curate, "init_ray", refuse)
+    from pipelines import evaluate, stages
+
+    for module in (curate, evaluate, stages):  # train_dpo imports it from stages when main() runs
+        monkeypatch.setattr(module, "init_ray", refuse)
 
 
 def test_unreadable_model_folder_named_before_ray(no_ray, tiny_models, tmp_path):
@@ -510,8 +513,33 @@ def test_unreadable_model_folder_named_before_ray(no_ray, tiny_models, tmp_path)
                 curate.main(cfg)
     assert not (tmp_path / "run").exists()
     # the real tiny models pass the same check
-    curate.check_model_dir(tiny_models["policy"], "generate.model")
-    curate.check_model_dir(tiny_models["reward_multi"], "score.models[0].path")
+    check_model_dir(tiny_models["policy"], "generate.model")
+    check_model_dir(tiny_models["reward_multi"], "score.models[0].path")
+
+
+def test_unreadable_model_folder_in_training_and_evaluation_named_before_ray(no_ray, tiny_models, tmp_path):
+    from pipelines import evaluate, train_dpo
+
+    not_a_model = tmp_path / "checkpoint_000012"
+    not_a_model.mkdir()  # e.g. a checkpoint folder whose upload did not finish
+    (not_a_model / "config.json").write_text("{truncated")
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for key, override in (("model.policy", f"model.policy={not_a_model}"),
+                          ("reference.model", f"reference.model={not_a_model}")):
+        cfg = load_config(train_dpo.TrainConfig, "pipelines/configs/train_demo_cpu.yaml", [
+            f"input.path={pairs}", f"output.dir={tmp_path / 'train'}", f"model.policy={tiny_models['policy']}",
+            override])
+        with pytest.raises(ValueError, match=rf"^{re.escape(key)}: .*is not a model folder: config.json cannot"):
+            train_dpo.main(cfg)
+    for key, override in (("policy", f"policy={not_a_model}"), ("reference", f"reference={not_a_model}")):
+        cfg = load_config(evaluate.EvaluateConfig, None, [
+            "input.path=pipelines/data/arena_hard_heldout_50.jsonl.gz", f"output.dir={tmp_path / 'eval'}",
+            f"policy={tiny_models['policy']}", f"reference={tiny_models['policy']}",
+            f"score.models=[{{path: {tiny_models['reward_multi']}}}]", override])
+        with pytest.raises(ValueError, match=rf"^{re.escape(key)}: .*is not a model folder: config.json cannot"):
+            evaluate.main(cfg)
+    assert not (tmp_path / "train").exists() and not (tmp_path / "eval").exists()
 
 
 def test_one_sample_per_prompt_is_a_config_error(ray_local, tmp_path):

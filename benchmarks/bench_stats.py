@@ -1,0 +1,371 @@
+"""Per-prompt statistics: prefsift on Ray Data vs one DuckDB query vs a pandas groupby-apply script.
+
+    python benchmarks/bench_stats.py --quick          # 100k rows (CI smoke; asserts nothing about time)
+    python benchmarks/bench_stats.py                  # 10M rows = 2.5M prompts x 4 responses
+    python benchmarks/bench_stats.py --rows 1000000 --keep-data /tmp/stats1m
+
+The input is a synthetic scored long table in parquet shards: rewards ~ N(0, 1), two `reward__<aspect>`
+columns, integer `response_len`, short response strings. Each prompt's 4 rows sit in 4 different shards, as
+in unordered (ingested) data, so every contender must really group. All three do the same work: read the
+parquet, compute per prompt n, reward_mean, reward_std (ddof 0), pvar (tau 1), margin, best/worst sample
+index, score and response, len_corr and pd (aspects z-scored over the data set, length_debias none), and
+write parquet. The statistics of prefsift and DuckDB are compared on every prompt.
+
+Ray's start-up (`ray.init`) is reported but not counted: DuckDB and pandas have none, and a pipeline pays
+it once per run, not per stage. Everything after it is counted, the shuffle's fixed cost included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks.common import (
+    MemorySampler,
+    clean,
+    emit,
+    init_local_ray,
+    markdown_table,
+    ratio,
+    result,
+    run_contender,
+    tree_cpu_seconds,
+)
+
+K = 4
+ASPECTS = ("helpfulness", "correctness")
+TAU = 1.0
+ROWS_PER_SHARD = 500_000
+COMPARED = ("n", "reward_mean", "reward_std", "pvar", "margin", "best_idx", "worst_idx", "score_best",
+            "score_worst", "len_corr", "pd")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _block(block: int, j: int, prompts_per_block: int, n_prompts: int, response_chars: int) -> pa.Table:
+    """Sample j of the prompts in `block`; deterministic per (block, j)."""
+    lo = block * prompts_per_block
+    hi = min(lo + prompts_per_block, n_prompts)
+    idx = np.arange(lo, hi)
+    rng = np.random.default_rng([block, j])
+    pid = pa.array(np.char.add("p", np.char.zfill(idx.astype(str), 9)))
+    reward = rng.standard_normal(idx.size)
+    # Aspects correlate with the overall reward, as real aspect scores do.
+    aspects = {f"reward__{a}": 0.6 * reward + 0.8 * rng.standard_normal(idx.size) for a in ASPECTS}
+    length = np.clip(rng.lognormal(6.0, 0.8, idx.size), 1, 20_000).astype(np.int64)
+    filler = "x" * max(0, response_chars - 16)
+    response = pa.array(np.char.add(np.char.add(f"s{j}:", np.asarray(pid, dtype=str)), filler))
+    return pa.table({"prompt_id": pid, "sample_idx": np.full(idx.size, j, dtype=np.int64), "response": response,
+                     "reward": reward, "response_len": length, **aspects})
+
+
+def write_synthetic(out_dir: Path, rows: int, response_chars: int = 32) -> dict[str, int]:
+    """rows // K prompts x K responses in shards of ~ROWS_PER_SHARD rows; prompt block b's sample j goes to
+    shard (b + j) mod S, so no shard holds a whole prompt (when S >= K)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_prompts = rows // K
+    shards = max(K, -(-rows // ROWS_PER_SHARD))
+    per_block = -(-n_prompts // shards)
+    for s in range(shards):
+        parts = [_block((s - j) % shards, j, per_block, n_prompts, response_chars) for j in range(K)]
+        table = pa.concat_tables([p for p in parts if p.num_rows])
+        # Row groups of 128k rows, what pyarrow/Ray writers produce by default at this width.
+        pq.write_table(table, out_dir / f"part-{s:05d}.parquet", row_group_size=128 * 1024)
+    return {"rows": n_prompts * K, "prompts": n_prompts, "shards": shards}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Contenders (each in its own process)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_prefsift(data: str, out: str, rows: int, fast: bool = False) -> dict:
+    """The pipeline's stats stage: data-set norms for PD (one pass), one hash shuffle, vectorised stats."""
+    import ray
+
+    from operators.stats import StatsParams, aspect_names, compute_norms, grouped_stats
+    from pipelines.curate import partitions_for
+
+    init_s = init_local_ray()
+    if fast:
+        # The proposed init_ray setting (docs/perf/statistics.md): Ray 2.60 coalesces shuffle input up to
+        # 1 GiB per map task, so up to ~12M rows of this table are partitioned by ONE task on one core
+        # while the other idles; 64 MiB batches give parallel map tasks that overlap the read.
+        ray.data.DataContext.get_current().shuffle_input_batch_bytes = 64 << 20
+    with MemorySampler() as mem:
+        c0, t0 = tree_cpu_seconds(), time.perf_counter()
+        ds = ray.data.read_parquet(data, file_extensions=["parquet"])
+        aspects = aspect_names(ds.schema().names)
+        if fast:
+            from benchmarks.fast_stats import compute_norms_fast as compute_norms
+        norms = compute_norms(ds, aspects, "none", 1.0)
+        t_norms = time.perf_counter() - t0
+        params = StatsParams(tau=TAU, norms=norms)
+        if fast:
+            from benchmarks.fast_stats import grouped_stats_fast
+
+            stats = grouped_stats_fast(ds, params, partitions_for(rows))
+        else:
+            stats = grouped_stats(ds, params, partitions_for(rows))
+        stats.write_parquet(out)
+        seconds = time.perf_counter() - t0
+        cpu = tree_cpu_seconds() - c0
+    import importlib.util
+
+    return {"seconds": seconds, "cpu_s": cpu, "norms_s": t_norms, "ray_init_s": init_s,
+            "partitions": partitions_for(rows),
+            # Ray hashes shuffle keys with polars when it is importable, else with pandas (about 2x the CPU).
+            "polars": importlib.util.find_spec("polars") is not None, **mem.figures()}
+
+
+DUCKDB_SQL = """
+COPY (
+  WITH norms AS (
+    SELECT avg(reward__helpfulness) AS mh, stddev_pop(reward__helpfulness) AS sh,
+           avg(reward__correctness) AS mc, stddev_pop(reward__correctness) AS sc
+    FROM read_parquet('{data}/*.parquet')
+  ),
+  g AS (
+    SELECT prompt_id,
+           count(*) AS n,
+           avg(reward) AS reward_mean,
+           stddev_pop(reward) AS reward_std,
+           list(reward) AS rs,
+           max(reward) AS score_best, min(reward) AS score_worst,
+           arg_max(sample_idx, reward) AS best_idx, arg_min(sample_idx, reward) AS worst_idx,
+           arg_max(response, reward) AS best_response, arg_min(response, reward) AS worst_response,
+           corr(reward, response_len) AS len_corr,
+           arg_max(reward__helpfulness, reward) AS hb, arg_min(reward__helpfulness, reward) AS hw,
+           arg_max(reward__correctness, reward) AS cb, arg_min(reward__correctness, reward) AS cw
+    FROM read_parquet('{data}/*.parquet')
+    GROUP BY prompt_id
+  )
+  SELECT prompt_id, n, reward_mean, reward_std,
+         -- PVar U-statistic over ordered pairs: (sigmoid(d) - 1/2)^2 = tanh(d/2)^2 / 4; the diagonal is 0
+         CASE WHEN n >= 2 THEN list_sum(list_transform(rs, lambda x:
+              list_sum(list_transform(rs, lambda y: tanh((x - y) / (2 * {tau})) ^ 2)))) / 4 / (n * (n - 1))
+         END AS pvar,
+         score_best - score_worst AS margin, best_idx, worst_idx, score_best, score_worst,
+         best_response, worst_response, len_corr,
+         ((hw - hb) / sh + (cw - cb) / sc) / 2 AS pd
+  FROM g, norms
+) TO '{out}' (FORMAT parquet, PER_THREAD_OUTPUT true)
+"""
+
+
+def run_duckdb(data: str, out: str) -> dict:
+    import duckdb
+
+    con = duckdb.connect()
+    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]  # type: ignore[index]
+    with MemorySampler() as mem:
+        c0, t0 = tree_cpu_seconds(), time.perf_counter()
+        con.execute(DUCKDB_SQL.format(data=data, out=out, tau=TAU))
+        seconds = time.perf_counter() - t0
+        cpu = tree_cpu_seconds() - c0
+    return {"seconds": seconds, "cpu_s": cpu, "threads": threads, **mem.figures()}
+
+
+def run_pandas(data: str, out: str, max_prompts: int | None) -> dict:
+    """The script papers ship: read everything, groupby-apply a Python function per prompt."""
+    import pandas as pd
+
+    c0, t0 = tree_cpu_seconds(), time.perf_counter()
+    filters = [("prompt_id", "<", f"p{max_prompts:09d}")] if max_prompts else None
+    df = pd.read_parquet(data, filters=filters)
+    norms = {a: (df[f"reward__{a}"].mean(), df[f"reward__{a}"].std(ddof=0)) for a in ASPECTS}
+
+    def per_prompt(g: pd.DataFrame) -> pd.Series:
+        g = g.sort_values("sample_idx")
+        r = g["reward"].to_numpy()
+        n = len(r)
+        d = (r[:, None] - r[None, :]) / TAU
+        b, w = int(np.argmax(r)), int(np.argmin(r))
+        lens = g["response_len"].to_numpy(dtype=float)
+        z = [(g[f"reward__{a}"].to_numpy() - m) / s for a, (m, s) in norms.items()]
+        return pd.Series({
+            "n": n, "reward_mean": r.mean(), "reward_std": r.std(),
+            "pvar": (np.tanh(d / 2) ** 2 / 4).sum() / (n * (n - 1)) if n >= 2 else np.nan,
+            "margin": r[b] - r[w], "best_idx": int(g["sample_idx"].iloc[b]),
+            "worst_idx": int(g["sample_idx"].iloc[w]), "score_best": r[b], "score_worst": r[w],
+            "best_response": g["response"].iloc[b], "worst_response": g["response"].iloc[w],
+            "len_corr": np.corrcoef(r, lens)[0, 1] if n >= 2 else np.nan,
+            "pd": float(np.mean([zz[w] - zz[b] for zz in z])),
+        })
+
+    stats = df.groupby("prompt_id").apply(per_prompt)
+    os.makedirs(out, exist_ok=True)
+    stats.reset_index().to_parquet(os.path.join(out, "stats.parquet"))
+    return {"seconds": time.perf_counter() - t0, "cpu_s": tree_cpu_seconds() - c0, "rows": len(df),
+            "prompts": len(stats)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compare(a_dir: str, b_dir: str) -> dict:
+    """Max |difference| per statistic between two outputs, joined on prompt_id (every prompt, not a sample)."""
+    import duckdb
+
+    con = duckdb.connect()
+    diffs = ", ".join(f"max(abs(a.{c} - b.{c})) AS {c}" for c in COMPARED)
+    q = (f"SELECT count(*) AS joined, {diffs}, "
+         f"sum((a.best_response <> b.best_response)::INT) AS best_response_mismatch "
+         f"FROM read_parquet('{a_dir}/*.parquet') a JOIN read_parquet('{b_dir}/*.parquet') b USING (prompt_id)")
+    row = con.execute(q).fetchone()
+    names = ["joined", *COMPARED, "best_response_mismatch"]
+    out = dict(zip(names, row, strict=True))  # type: ignore[arg-type]
+    out["rows_a"] = con.execute(f"SELECT count(*) FROM read_parquet('{a_dir}/*.parquet')").fetchone()[0]  # type: ignore[index]
+    out["rows_b"] = con.execute(f"SELECT count(*) FROM read_parquet('{b_dir}/*.parquet')").fetchone()[0]  # type: ignore[index]
+    worst = max(float(out[c] or 0.0) for c in COMPARED)
+    out["max_abs_diff"] = worst
+    out["agree"] = bool(out["rows_a"] == out["rows_b"] == out["joined"] and worst < 1e-9
+                        and out["best_response_mismatch"] == 0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="100k rows (CI smoke)")
+    ap.add_argument("--rows", type=int, default=None, help="scored responses (default 10M; 100k with --quick)")
+    ap.add_argument("--response-chars", type=int, default=32)
+    ap.add_argument("--data-dir", default=None, help="reuse (or keep) the synthetic data here")
+    ap.add_argument("--pandas-slice", type=int, default=1_000_000,
+                    help="above this many rows, time pandas on a slice first and extrapolate if too slow")
+    ap.add_argument("--pandas-budget-s", type=float, default=600.0)
+    ap.add_argument("--skip-pandas", action="store_true")
+    ap.add_argument("--fast", action="store_true",
+                    help="also time the proposed changes (benchmarks/fast_stats.py + a DataContext setting)")
+    ap.add_argument("--contender", choices=["prefsift", "prefsift-fast", "duckdb", "pandas"], help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--max-prompts", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    rows = args.rows or (100_000 if args.quick else 10_000_000)
+
+    if args.contender:
+        if args.contender.startswith("prefsift"):
+            result(run_prefsift(args.data, args.out, rows, fast=args.contender == "prefsift-fast"))
+        elif args.contender == "duckdb":
+            result(run_duckdb(args.data, args.out))
+        else:
+            result(run_pandas(args.data, args.out, args.max_prompts))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="bench_stats_"))
+    data = Path(args.data_dir) if args.data_dir else work / "data"
+    try:
+        t0 = time.perf_counter()
+        marker = data / f"_rows_{rows}_{args.response_chars}"
+        if marker.exists():
+            info = {"rows": rows - rows % K, "prompts": rows // K, "shards": len(list(data.glob("*.parquet")))}
+        else:
+            shutil.rmtree(data, ignore_errors=True)
+            info = write_synthetic(data, rows, args.response_chars)
+            marker.touch()
+        gen_s = time.perf_counter() - t0
+        size_mb = sum(f.stat().st_size for f in data.glob("*.parquet")) / 2**20
+        print(f"[bench_stats] data: {info['rows']:,} rows, {info['prompts']:,} prompts, {info['shards']} shards, "
+              f"{size_mb:.0f} MB parquet ({gen_s:.1f}s)", file=sys.stderr, flush=True)
+
+        me = str(Path(__file__).resolve())
+        common = ["--rows", str(rows), "--data", str(data)]
+        res: dict[str, dict] = {}
+        for name in ["prefsift", "duckdb"] + (["prefsift-fast"] if args.fast else []):
+            print(f"[bench_stats] {name} ...", file=sys.stderr, flush=True)
+            res[name] = run_contender(me, [*common, "--contender", name, "--out", str(work / name)])
+        check = compare(str(work / "prefsift"), str(work / "duckdb"))
+        check_fast = compare(str(work / "prefsift-fast"), str(work / "duckdb")) if args.fast else None
+
+        notes = []
+        pandas: dict = {}
+        if not args.skip_pandas:
+            if info["rows"] > args.pandas_slice:
+                sl = args.pandas_slice // K
+                print(f"[bench_stats] pandas on a {sl * K:,}-row slice ...", file=sys.stderr, flush=True)
+                part = run_contender(me, [*common, "--contender", "pandas", "--out", str(work / "pandas"),
+                                          "--max-prompts", str(sl)])
+                estimate = part["seconds"] * info["rows"] / part["rows"]
+                if estimate > args.pandas_budget_s:
+                    scale = info["rows"] / part["rows"]
+                    pandas = {**part, "seconds": estimate, "cpu_s": part["cpu_s"] * scale,
+                              "measured_seconds": part["seconds"], "measured_cpu_s": part["cpu_s"],
+                              "measured_rows": part["rows"], "extrapolated": True}
+                    notes.append(f"pandas: measured {part['seconds']:.1f}s on {part['rows']:,} rows, extrapolated "
+                                 f"linearly to {info['rows']:,} rows = {estimate:.0f}s (over the "
+                                 f"{args.pandas_budget_s:.0f}s budget, so not run in full)")
+                else:
+                    shutil.rmtree(work / "pandas", ignore_errors=True)
+            if not pandas:
+                print("[bench_stats] pandas ...", file=sys.stderr, flush=True)
+                pandas = {**run_contender(me, [*common, "--contender", "pandas", "--out", str(work / "pandas")]),
+                          "extrapolated": False}
+            pcheck = compare(str(work / "pandas"), str(work / "duckdb"))
+            pandas["agrees_with_duckdb_on"] = pcheck["joined"]
+            pandas["max_abs_diff_vs_duckdb"] = pcheck["max_abs_diff"]
+
+        p, d, f = res["prefsift"], res["duckdb"], res.get("prefsift-fast")
+        def row(name: str, r: dict, note: str) -> list:
+            return [name, r["seconds"], r["cpu_s"], info["rows"] / r["seconds"], r["peak_rss_mb"],
+                    r.get("ray_workers_pss_peak_mb"), note]
+
+        rows_tab = [row("prefsift (Ray Data)", p, f"ray.init {p['ray_init_s']}s not counted; "
+                        f"{p['partitions']} partitions")]
+        if f:
+            rows_tab.append(row("prefsift, proposed changes", f, "benchmarks/fast_stats.py, 64 MiB shuffle input"))
+        rows_tab.append(row("DuckDB GROUP BY", d, f"{d['threads']} threads"))
+        if pandas:
+            rows_tab.append(row("pandas groupby-apply", pandas,
+                                f"extrapolated from {pandas['measured_rows']:,} rows" if pandas["extrapolated"]
+                                else "measured"))
+        table = markdown_table(["contender", "wall s", "CPU s", "rows/s (wall)", "driver peak RSS MB",
+                                "Ray workers PSS MB", "note"], rows_tab)
+        table += (f"\n\nprefsift vs DuckDB on {check['joined']:,} prompts: max |diff| {check['max_abs_diff']:.2e}, "
+                  f"agree: {check['agree']}")
+        ratios = {
+            "prefsift_time_over_duckdb": ratio(p["seconds"], d["seconds"]),
+            "pandas_time_over_prefsift": ratio(pandas.get("seconds"), p["seconds"]),
+            "prefsift_cpu_over_duckdb": ratio(p["cpu_s"], d["cpu_s"]),
+            "pandas_cpu_over_prefsift": ratio(pandas.get("cpu_s"), p["cpu_s"]),
+            "driver_peak_rss_gb": round(p["peak_rss_mb"] / 1024, 3),
+        }
+        if f:
+            ratios["prefsift_fast_time_over_duckdb"] = ratio(f["seconds"], d["seconds"])
+            ratios["pandas_time_over_prefsift_fast"] = ratio(pandas.get("seconds"), f["seconds"])
+        emit("statistics", clean({
+            "rows": info["rows"], "prompts": info["prompts"], "parquet_mb": round(size_mb, 1),
+            "prefsift": p, "prefsift_fast": f, "duckdb": d, "pandas": pandas, "check": check,
+            "check_fast": check_fast,
+        }), ratios, table=table, notes=notes,
+            targets={"prefsift_time_over_duckdb": "<= 1.5", "pandas_time_over_prefsift": ">= 10",
+                     "driver_peak_rss_gb": "< 2"},
+            config={"rows": rows, "k": K, "aspects": list(ASPECTS), "tau": TAU, "quick": args.quick,
+                    "response_chars": args.response_chars})
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The benchmark smoke run: `benchmarks/run_all.py --quick` once, then its JSON lines, stage by stage.
+
+Nothing here asserts a time or a ratio threshold: a 2-core CI machine shared with other jobs says nothing
+about speed. What must hold is that every stage ran, recorded where and with what it ran, produced positive
+figures, and that the correctness checks inside each benchmark held (the same rewards on every row,
+statistics equal to DuckDB's, equal per-step losses with and without Ray, balanced manifests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run_all import CHECKS, STAGES, check_results, lookup
+
+REPO = Path(__file__).resolve().parents[2]
+BENCHES = {bench: stage for stage, (_, bench, _) in STAGES.items()}
+
+# Per bench: figures (paths under "figures") that must be positive numbers.
+POSITIVE = {
+    "generation": ("hf.tokens", "hf.tok_s", "hf.seconds"),
+    "reward scoring": ("baseline.rows_s", "baseline.tok_s", "pipeline.rows_s", "pipeline.tok_s", "baseline.tokens"),
+    "statistics": ("prefsift.seconds", "duckdb.seconds", "pandas.seconds", "rows", "prompts"),
+    "training": ("single.steps_s", "single.pairs_s", "ray-1w.steps_s", "ray-1w.pairs_s", "ray-2w.pairs_s",
+                 "ray-1w.wall_s", "pairs.pairs"),
+    "end to end": ("wall_s", "stages.samples.seconds", "stages.samples.rows_out", "stages.pairs.rows_out",
+                   "samples_per_s"),
+}
+RATIOS = {
+    "generation": ("pipeline_hf_over_raw_vllm",),
+    "reward scoring": ("pipeline_over_baseline_responses_s",),
+    "statistics": ("prefsift_time_over_duckdb", "pandas_time_over_prefsift"),
+    "training": ("ray_1w_over_single_steps_s", "ray_2w_over_1w_pairs_s"),
+    "end to end": ("prompts_per_s_wall",),
+}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("bench") / "quick.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--out", str(out)],
+                          cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500,
+                          check=False)
+    assert proc.returncode == 0, f"run_all --quick exited {proc.returncode}:\n{proc.stdout[-6000:]}"
+    lines = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return {r["bench"]: r for r in lines}
+
+
+def test_every_stage_ran(records):
+    assert sorted(records) == sorted(BENCHES)
+
+
+@pytest.mark.parametrize("bench", sorted(BENCHES))
+def test_record_shape(records, bench):
+    r = records[bench]
+    for key in ("hardware", "versions", "figures", "ratios", "targets", "config", "date"):
+        assert key in r, f"{bench}: no {key!r}"
+    assert r["hardware"]["cores"] >= 1 and r["hardware"]["cpu"]
+    assert r["versions"]["python"] and r["versions"].get("ray") and r["versions"].get("torch")
+    assert r["config"]["quick"] is True
+
+
+@pytest.mark.parametrize("bench", sorted(BENCHES))
+def test_correctness_checks_held(records, bench):
+    checks = check_results(records[bench])
+    assert set(checks) == set(CHECKS[bench])
+    # None would mean "not measured here"; in the CPU smoke run every check applies.
+    assert all(v is True for v in checks.values()), checks
+
+
+@pytest.mark.parametrize("bench", sorted(BENCHES))
+def test_figures_are_positive(records, bench):
+    figures = records[bench]["figures"]
+    for path in POSITIVE[bench]:
+        v = lookup(figures, path)
+        assert isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, (path, v)
+
+
+@pytest.mark.parametrize("bench", sorted(BENCHES))
+def test_ratios_reported(records, bench):
+    ratios = records[bench]["ratios"]
+    for name in RATIOS[bench]:
+        v = ratios.get(name)
+        assert isinstance(v, (int, float)) and v > 0, (name, v)  # present and positive; never a threshold
+
+
+def test_vllm_comparison_when_installed(records):
+    import importlib.util
+
+    figures = records["generation"]["figures"]
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed: bench_generate runs its HF contender only")
+    for name in ("raw-vllm", "vllm"):
+        assert figures[name]["tok_s"] > 0 and figures[name]["samples"] == figures["check"]["samples_expected"]
+    assert records["generation"]["ratios"]["pipeline_vllm_over_raw_vllm"] > 0
+
+
+def test_rewards_compared_on_every_row(records):
+    check = records["reward scoring"]["figures"]["check"]
+    assert check["joined"] == check["rows_baseline"] == check["rows_pipeline"] == records["reward scoring"][
+        "config"]["responses"]
+    assert check["mismatched"] == 0
+
+
+def test_e2e_breakdown(records):
+    fig = records["end to end"]["figures"]
+    stages = fig["stages"]
+    assert stages["prompts"]["rows_in"] == fig["prompts"] == records["end to end"]["config"]["prompts"]
+    # K samples per prompt that fit max_model_len; the rest are counted as quarantined.
+    gen = stages["samples"]
+    assert gen["rows_out"] == fig["k"] * (gen["rows_in"] - gen["quarantined_total"])
+    assert stages["scored"]["rows_in"] == gen["rows_out"]

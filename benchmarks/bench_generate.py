@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     clean,
+    cuda_available,
     emit,
     init_local_ray,
     markdown_table,
@@ -44,12 +45,6 @@ from benchmarks.models import load_prompts, prepare_models
 SEED = 0
 TEMPERATURE = 1.0
 TOP_P = 0.95
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _fitting_prompts(model: str, n: int, max_tokens: int, max_model_len: int) -> list[dict]:
@@ -76,7 +71,7 @@ def run_raw_vllm(a: argparse.Namespace, prompts: list[dict]) -> dict:
 
     from operators.generate import conversation, prompt_token_ids, sample_seed
 
-    cuda = _cuda()
+    cuda = cuda_available()
     t0 = time.perf_counter()
     # The same engine settings as operators/generate.py's vLLM backend (chunked prefill: see
     # disable_chunked_prefill_on_cpu).
@@ -160,7 +155,7 @@ def run_pipeline(a: argparse.Namespace, prompts: list[dict], backend: str) -> di
     from pipelines.config import GenerateCfg
     from pipelines.stages import column_sums
 
-    cuda = _cuda()
+    cuda = cuda_available()
     init_s = init_local_ray(object_store_gb=1.0)
     cfg = GenerateCfg(
         backend=backend, model=a.model, num_samples=a.k, temperature=TEMPERATURE, top_p=TOP_P,
@@ -207,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    cuda = _cuda()
+    cuda = cuda_available()
     a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
     a.gpu_memory_utilization = a.gpu_memory_utilization or (0.85 if cuda else 0.3)
     a.prompts = a.prompts or (8 if a.quick else 200)

@@ -45,6 +45,7 @@ from benchmarks.common import (
     REPO,
     _append,
     clean,
+    cuda_available,
     emit,
     init_local_ray,
     markdown_table,
@@ -70,14 +71,8 @@ def load_responses(n: int) -> pa.Table:
                      "prompt": list(cols[2]), "response": list(cols[3])})
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _dtype(a: argparse.Namespace) -> str:
-    return a.dtype or ("bfloat16" if _cuda() else "float32")
+    return a.dtype or ("bfloat16" if cuda_available() else "float32")
 
 
 def _actor_threads(actor_cpus: float) -> int:
@@ -97,7 +92,7 @@ def run_baseline(a: argparse.Namespace) -> dict:
 
     from operators.score import truncate_keep_end
 
-    cuda = _cuda()
+    cuda = cuda_available()
     if not cuda:
         torch.set_num_threads(_actor_threads(a.actor_cpus))
     device = "cuda" if cuda else "cpu"
@@ -195,7 +190,7 @@ def run_pipeline(a: argparse.Namespace) -> dict:
     init_s = init_local_ray(object_store_gb=1.0)
     cfg = ScoreCfg(models=[RewardModelCfg(path=a.model)], batch_size=a.batch_size,
                    micro_batch_size=a.micro_batch_size, max_length=a.max_length, dtype=_dtype(a),
-                   num_cpus=a.actor_cpus, num_gpus=1.0 if _cuda() else 0.0)
+                   num_cpus=a.actor_cpus, num_gpus=1.0 if cuda_available() else 0.0)
     log = os.path.join(os.path.dirname(a.out), "timings.jsonl")
     ds = ray.data.from_arrow(pq.read_table(a.data))
     w0 = time.time()
@@ -259,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.responses = a.responses or (128 if a.quick else 2400)
     if a.actor_cpus is None:
-        a.actor_cpus = 4.0 if _cuda() else 1.0
+        a.actor_cpus = 4.0 if cuda_available() else 1.0
 
     if a.contender:
         result(run_baseline(a) if a.contender == "baseline" else run_pipeline(a))
@@ -277,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("baseline", "pipeline"):
             print(f"[bench_score] {name} ...", file=sys.stderr, flush=True)
             # The same OpenMP setting as the actor's (Ray sets it from num_cpus).
-            env = {"OMP_NUM_THREADS": str(_actor_threads(a.actor_cpus))} if name == "baseline" and not _cuda() else None
+            env = {"OMP_NUM_THREADS": str(_actor_threads(a.actor_cpus))} if name == "baseline" and not cuda_available() else None
             res[name] = run_contender(Path(__file__).resolve(),
                                       [*base, "--contender", name, "--out", str(work / f"{name}.parquet")], env=env)
         check = compare(str(work / "baseline.parquet"), str(work / "pipeline.parquet"), _dtype(a))

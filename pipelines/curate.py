@@ -34,10 +34,22 @@ from pipelines.manifest import RunDir
 from pipelines.select import run_selection
 from pipelines.stages import column_sums, init_ray, read_stage, run_stage, say
 
+PARTITION_BYTES = 64 << 20  # parquet bytes of input per hash partition (~2-3x that in memory)
 
-def partitions_for(rows: int, override: int | None = None) -> int:
-    """Hash partitions for a shuffle: ~200k rows each, at least 2 so both cores work, at most 200."""
-    return override or max(2, min(200, math.ceil(rows / 200_000)))
+
+def partitions_for(rows: int, override: int | None = None, nbytes: int = 0) -> int:
+    """Hash partitions for the statistics shuffle: one per ~64 MB of parquet input (or ~200k rows when the
+    size is unknown, as on object stores), at least one per CPU of the cluster so every core reduces, at
+    most 200. Each partition is a reduce task with a fixed cost (~0.15 s on 2 cores), so fewer, larger
+    partitions are faster as long as one fits in a task's memory: at 10M rows, 7 partitions took 17-18 s
+    where 50 took 22 s."""
+    if override:
+        return override
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
+    by_size = math.ceil(nbytes / PARTITION_BYTES) if nbytes else math.ceil(rows / 200_000)
+    return max(2, min(200, max(by_size, cpus)))
 
 
 def input_bytes(path: str) -> int:
@@ -152,7 +164,8 @@ def main(cfg: CurateConfig) -> dict:
                                  "norms": asdict(norms) if norms else None})
         carry = carry_columns(read_stage(run, "prompts").schema().names, ds.schema().names)
         params = StatsParams(tau=cfg.stats.tau, pd_target=cfg.stats.pd_target, norms=norms, carry=carry)
-        return grouped_stats(ds, params, partitions_for(scored.rows_out, cfg.stats.num_partitions))
+        parts = partitions_for(scored.rows_out, cfg.stats.num_partitions, input_bytes(run.uri_of("scored")))
+        return grouped_stats(ds, params, parts)
 
     run_stage(run, "stats", stats_fp, build_stats, rows_in=scored.rows_out,
               out_as_input=lambda good, _rows: int(column_sums(good, ["n"])["n"]), unit_in="response", unit_out="prompt")

@@ -16,6 +16,7 @@ from operators.stats import (
     PDNorms,
     StatsParams,
     best_worst,
+    chunk_bounds,
     implied_rewards,
     normalized_aspect,
     norms_from_sums,
@@ -240,3 +241,33 @@ def test_vectorised_stats_equal_per_prompt_math(groups):
         assert (s["best_idx"], s["worst_idx"]) == (b, w)
         assert s["margin"] == pytest.approx(max(rewards) - min(rewards))
         assert s["reward_std"] == pytest.approx(float(np.std(rewards)), abs=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.floats(-5, 5, allow_nan=False), min_size=2, max_size=5), min_size=2, max_size=12),
+       st.randoms(use_true_random=False))
+def test_row_order_does_not_change_the_statistics(groups, rnd):
+    """Shuffled rows (the full sort), prompt-sorted rows with samples out of order (the in-prompt reorder) and
+    sorted rows (no reorder) give the same statistics."""
+    rows = [{"prompt_id": f"p{g:02d}", "sample_idx": i, "reward": r, "response": f"{g}-{i}", "response_len": i + 1}
+            for g, rewards in enumerate(groups) for i, r in enumerate(rewards)]
+    shuffled = rows[:]
+    rnd.shuffle(shuffled)
+    in_prompt = sorted(rows, key=lambda r: (r["prompt_id"], -r["sample_idx"]))
+    outs = [prompt_stats(long_table(x), StatsParams(), max_cells=40).sort_by("prompt_id").to_pylist()
+            for x in (rows, shuffled, in_prompt)]
+    assert outs[0] == outs[1] == outs[2]
+    assert [o["n"] for o in outs[0]] == [len(g) for g in groups]
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=60), st.integers(1, 400))
+def test_chunk_bounds_cover_every_group_once_under_the_cap(sizes, cap):
+    sizes = np.array(sizes)
+    bounds = chunk_bounds(sizes, cap)
+    assert bounds[0][0] == 0 and bounds[-1][1] == sizes.size
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    for g0, g1 in bounds:
+        cells = (g1 - g0) * int(sizes[g0:g1].max()) ** 2
+        assert g1 - g0 == 1 or cells <= cap  # a single group may exceed the cap on its own
+        if g1 < sizes.size:  # greedy: one more group would pass the cap
+            assert (g1 + 1 - g0) * int(sizes[g0:g1 + 1].max()) ** 2 > cap

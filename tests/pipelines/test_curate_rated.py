@@ -145,3 +145,17 @@ def test_arena_bench_many_responses(ray_local, real_data, tmp_path):
     assert len(read(tmp_path, "pairs")) == 30
     m = check_manifest(tmp_path)
     assert m["stages"]["scored"]["rows_out"] == sum(r["n"] for r in ref.values())
+
+
+def test_partitions_follow_input_size_and_cluster_cpus(ray_local):
+    """One hash partition per 64 MB of scored parquet, at least one per cluster CPU, at most 200; rows decide
+    when the size is unknown (object stores); an explicit stats.num_partitions wins."""
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    mb = 1 << 20
+    assert curate.partitions_for(10_000_000, nbytes=414 * mb) == max(7, cpus)
+    assert curate.partitions_for(10_000_000) == 50  # 200k rows each without a size
+    assert curate.partitions_for(10, nbytes=1000) == max(2, cpus)
+    assert curate.partitions_for(10**9, nbytes=10**12) == 200
+    assert curate.partitions_for(10_000_000, override=3, nbytes=414 * mb) == 3

@@ -276,6 +276,8 @@ def _check_cfg(cfg: GenerateCfg) -> None:
         problems.append(f"generate.top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.max_tokens < 1:
         problems.append(f"generate.max_tokens must be >= 1, got {cfg.max_tokens}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        problems.append(f"generate.batch_size must be >= 1 or null, got {cfg.batch_size}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -381,4 +383,4 @@ def generator_resources(cfg: GenerateCfg) -> Resources:
     else:
         num_gpus = float(cfg.num_gpus_per_worker)
     return Resources(num_cpus=cfg.num_cpus, num_gpus=num_gpus, concurrency=cfg.concurrency,
-                     batch_size=cfg.batch_size, max_restarts=cfg.max_restarts)
+                     batch_size=cfg.prompts_per_call(), max_restarts=cfg.max_restarts)

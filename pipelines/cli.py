@@ -138,7 +138,7 @@ def _resources(module: str, fn: str, section: Any, fallback: Callable[[Any], dic
 
 def _gen_fallback(g: Any) -> dict[str, Any]:
     gpus = g.tensor_parallel_size * g.pipeline_parallel_size if g.backend == "vllm" else g.num_gpus_per_worker
-    return {"cpus": g.num_cpus, "gpus": float(gpus), "actors": g.concurrency, "batch": g.batch_size}
+    return {"cpus": g.num_cpus, "gpus": float(gpus), "actors": g.concurrency, "batch": g.prompts_per_call()}
 
 
 def _score_fallback(s: Any) -> dict[str, Any]:

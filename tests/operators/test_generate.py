@@ -136,6 +136,15 @@ def test_resources_derive_gpus_in_one_place(monkeypatch):
     assert generator_resources(vcfg).num_gpus == 4
 
 
+def test_prompts_per_call_default_by_backend(tiny_models):
+    # vLLM drains its running batch at the end of every call, so it gets many prompts a call by default.
+    assert generator_resources(GenerateCfg(backend="hf")).batch_size == 16
+    assert generator_resources(GenerateCfg(backend="vllm")).batch_size == 256
+    assert generator_resources(GenerateCfg(backend="vllm", batch_size=32)).batch_size == 32
+    with pytest.raises(ValueError, match="generate.batch_size must be >= 1 or null, got 0"):
+        Generator(_cfg(tiny_models, batch_size=0), seed=0)
+
+
 def test_column_contract():
     check_columns(Generator, ["prompt_id", "messages"])
     with pytest.raises(ValueError, match="'prompt_id'.*'prompt or messages'"):

@@ -41,6 +41,7 @@ from benchmarks.common import (
     timed_operator,
 )
 from benchmarks.models import load_prompts, prepare_models
+from pipelines.config import GenerateCfg
 
 SEED = 0
 TEMPERATURE = 1.0
@@ -96,6 +97,21 @@ def run_raw_vllm(a: argparse.Namespace, prompts: list[dict]) -> dict:
             "tok_s": tokens / seconds, "torch_threads": _threads()}
 
 
+class _RawVLLMActor:
+    def run(self, a: argparse.Namespace, prompts: list[dict]) -> dict:
+        return run_raw_vllm(a, prompts)
+
+
+def run_raw_vllm_in_actor(a: argparse.Namespace, prompts: list[dict]) -> dict:
+    """The raw loop again, inside one plain Ray actor with the Generator's CPUs and no Ray Data: what running
+    under Ray at all costs here (on 2 cores the engine shares them with Ray's own processes)."""
+    import ray
+
+    init_s = init_local_ray(object_store_gb=1.0)
+    actor = ray.remote(num_cpus=a.actor_cpus, num_gpus=1 if cuda_available() else 0)(_RawVLLMActor).remote()
+    return {**ray.get(actor.run.remote(a, prompts)), "ray_init_s": init_s}
+
+
 def _threads() -> int:
     import torch
 
@@ -109,7 +125,6 @@ def run_pipeline(a: argparse.Namespace, prompts: list[dict], backend: str) -> di
 
     from operators.base import apply
     from operators.generate import Generator, generator_resources
-    from pipelines.config import GenerateCfg
     from pipelines.stages import column_sums
 
     cuda = cuda_available()
@@ -148,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=None, help="default 64; 16 with --quick")
     ap.add_argument("--max-model-len", type=int, default=512)
-    # 64 prompts x K = 256 requests per map_batches call: vLLM batches continuously only while requests
-    # are queued, and every call drains to empty at its end, so small calls waste the tail of each one.
-    ap.add_argument("--batch-size", type=int, default=64, help="prompts per map_batches call")
+    # vLLM batches continuously only while requests are queued, and every call drains to empty at its end,
+    # so small calls waste the tail of each one (GenerateCfg.prompts_per_call).
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="prompts per map_batches call (default: the pipeline's, per backend)")
     ap.add_argument("--actor-cpus", type=float, default=1.0)
     ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="0.3 on CPU (DESIGN.md), 0.85 GPU")
@@ -172,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             prompts = json.load(f)
         if a.contender == "raw-vllm":
             result(run_raw_vllm(a, prompts))
+        elif a.contender == "raw-vllm-actor":
+            result(run_raw_vllm_in_actor(a, prompts))
         else:
             result(run_pipeline(a, prompts, a.contender))
         return 0
@@ -184,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         have_vllm = True
     except ImportError:
         have_vllm = False
-    wanted = (a.backends or ("hf" if a.quick else "raw-vllm,vllm,hf")).split(",")
+    wanted = (a.backends or ("hf" if a.quick else "raw-vllm,raw-vllm-actor,vllm,hf")).split(",")
     notes = []
-    if not have_vllm and {"raw-vllm", "vllm"} & set(wanted):
-        notes.append("vLLM is not installed here: raw-vllm and the vllm backend were skipped")
+    if not have_vllm and {"raw-vllm", "raw-vllm-actor", "vllm"} & set(wanted):
+        notes.append("vLLM is not installed here: raw-vllm, raw-vllm-actor and the vllm backend were skipped")
         wanted = [w for w in wanted if w == "hf"]
     if a.quick and a.backends is None:
         notes.append("--quick skips vLLM: two engine start-ups (~30 s each on CPU) would dominate a smoke run")
@@ -199,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     pfile = work / "prompts.json"
     pfile.write_text(json.dumps(prompts), encoding="utf-8")
     base = ["--model", model, "--prompts-file", str(pfile), "--k", str(a.k), "--max-tokens", str(a.max_tokens),
-            "--max-model-len", str(a.max_model_len), "--batch-size", str(a.batch_size), "--dtype", a.dtype,
+            "--max-model-len", str(a.max_model_len), *(["--batch-size", str(a.batch_size)] if a.batch_size else []),
+            "--dtype", a.dtype,
             "--gpu-memory-utilization", str(a.gpu_memory_utilization), "--actor-cpus", str(a.actor_cpus)]
     res: dict[str, dict] = {}
     try:
@@ -215,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if "raw-vllm" in res and "vllm" in res:
         check["vllm_tokens_equal_raw"] = res["vllm"]["tokens"] == res["raw-vllm"]["tokens"]
 
-    labels = {"raw-vllm": "raw vllm.LLM.generate", "vllm": "prefsift Generator (vllm) on Ray Data",
+    labels = {"raw-vllm": "raw vllm.LLM.generate", "raw-vllm-actor": "raw vllm.LLM.generate in a Ray actor",
+              "vllm": "prefsift Generator (vllm) on Ray Data",
               "hf": "prefsift Generator (hf) on Ray Data"}
     rows = [[labels[n], r["tokens"], r["samples"], r["seconds"], r["tok_s"], r.get("steady_tok_s"),
              r["startup_s"]] for n, r in res.items()]
@@ -226,11 +246,16 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_vllm_over_raw_vllm": ratio(res.get("vllm", {}).get("tok_s"), raw),
         "pipeline_vllm_steady_over_raw_vllm": ratio(res.get("vllm", {}).get("steady_tok_s"), raw),
         "pipeline_hf_over_raw_vllm": ratio(res.get("hf", {}).get("tok_s"), raw),
+        # The share of the gap that is Ray itself on this machine, and the share that is Ray Data + prefsift.
+        "raw_in_ray_actor_over_raw_vllm": ratio(res.get("raw-vllm-actor", {}).get("tok_s"), raw),
+        "pipeline_vllm_over_raw_in_ray_actor": ratio(res.get("vllm", {}).get("tok_s"),
+                                                     res.get("raw-vllm-actor", {}).get("tok_s")),
     }
     emit("generation", clean({"prompts": len(prompts), "k": a.k, **res, "check": check}), ratios, table=table, notes=notes,
          targets={"pipeline_vllm_over_raw_vllm": ">= 0.95"},
          config={"model_shape": a.model_shape, "prompts": len(prompts), "k": a.k, "max_tokens": a.max_tokens,
-                 "max_model_len": a.max_model_len, "batch_size": a.batch_size, "actor_cpus": a.actor_cpus,
+                 "max_model_len": a.max_model_len, "actor_cpus": a.actor_cpus,
+                 "batch_size": {b: GenerateCfg(backend=b, batch_size=a.batch_size).prompts_per_call() for b in ("vllm", "hf")},
                  "dtype": a.dtype, "temperature": TEMPERATURE, "top_p": TOP_P, "quick": a.quick,
                  "startup": "excluded from both"})
     return 0

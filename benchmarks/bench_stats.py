@@ -93,43 +93,52 @@ def write_synthetic(out_dir: Path, rows: int, response_chars: int = 32) -> dict[
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_prefsift(data: str, out: str, rows: int, fast: bool = False) -> dict:
+def run_prefsift(data: str, out: str, rows: int) -> dict:
     """The pipeline's stats stage: data-set norms for PD (one pass), one hash shuffle, vectorised stats."""
+    import importlib.util
+
     import ray
 
     from operators.stats import StatsParams, aspect_names, compute_norms, grouped_stats
-    from pipelines.curate import partitions_for
+    from pipelines.curate import input_bytes, partitions_for
 
     init_s = init_local_ray()
-    if fast:
-        # The proposed init_ray setting (docs/perf/statistics.md): Ray 2.60 coalesces shuffle input up to
-        # 1 GiB per map task, so up to ~12M rows of this table are partitioned by ONE task on one core
-        # while the other idles; 64 MiB batches give parallel map tasks that overlap the read.
-        ray.data.DataContext.get_current().shuffle_input_batch_bytes = 64 << 20
+    parts = partitions_for(rows, nbytes=input_bytes(data))  # as the pipeline sizes it
     with MemorySampler() as mem:
         c0, t0 = tree_cpu_seconds(), time.perf_counter()
         ds = ray.data.read_parquet(data, file_extensions=["parquet"])
         aspects = aspect_names(ds.schema().names)
-        if fast:
-            from benchmarks.fast_stats import compute_norms_fast as compute_norms
         norms = compute_norms(ds, aspects, "none", 1.0)
         t_norms = time.perf_counter() - t0
         params = StatsParams(tau=TAU, norms=norms)
-        if fast:
-            from benchmarks.fast_stats import grouped_stats_fast
-
-            stats = grouped_stats_fast(ds, params, partitions_for(rows))
-        else:
-            stats = grouped_stats(ds, params, partitions_for(rows))
-        stats.write_parquet(out)
+        grouped_stats(ds, params, parts).write_parquet(out)
         seconds = time.perf_counter() - t0
         cpu = tree_cpu_seconds() - c0
-    import importlib.util
-
     return {"seconds": seconds, "cpu_s": cpu, "norms_s": t_norms, "ray_init_s": init_s,
-            "partitions": partitions_for(rows),
-            # Ray hashes shuffle keys with polars when it is importable, else with pandas (about 2x the CPU).
+            "partitions": parts,
+            # Ray hashes shuffle keys with polars when it is importable, else with pandas (more CPU).
             "polars": importlib.util.find_spec("polars") is not None, **mem.figures()}
+
+
+def run_ray_floor(data: str, rows: int) -> dict:
+    """What Ray Data itself costs here, with no statistics and no output: one read pass, then the read plus
+    the same hash shuffle prefsift runs (every block emptied after it). A lower bound for any Ray Data
+    implementation of the statistics stage that must group unordered rows."""
+    import ray
+
+    from pipelines.curate import input_bytes, partitions_for
+
+    init_local_ray()
+    drop = lambda t: t.slice(0, 0)  # noqa: E731
+    t0 = time.perf_counter()
+    ray.data.read_parquet(data, file_extensions=["parquet"]).map_batches(drop, batch_format="pyarrow").materialize()
+    read_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ray.data.read_parquet(data, file_extensions=["parquet"]) \
+        .repartition(partitions_for(rows, nbytes=input_bytes(data)), keys=["prompt_id"], sort=False) \
+        .map_batches(drop, batch_format="pyarrow", batch_size=None).materialize()
+    # No CPU figure: Ray's worker processes that exit between the two passes take their CPU time with them.
+    return {"read_s": read_s, "seconds": time.perf_counter() - t0}
 
 
 DUCKDB_SQL = """
@@ -255,9 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="above this many rows, time pandas on a slice first and extrapolate if too slow")
     ap.add_argument("--pandas-budget-s", type=float, default=600.0)
     ap.add_argument("--skip-pandas", action="store_true")
-    ap.add_argument("--fast", action="store_true",
-                    help="also time the proposed changes (benchmarks/fast_stats.py + a DataContext setting)")
-    ap.add_argument("--contender", choices=["prefsift", "prefsift-fast", "duckdb", "pandas"], help=argparse.SUPPRESS)
+    ap.add_argument("--contender", choices=["prefsift", "ray-floor", "duckdb", "pandas"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--max-prompts", type=int, default=None, help=argparse.SUPPRESS)
@@ -265,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.rows or (100_000 if args.quick else 10_000_000)
 
     if args.contender:
-        if args.contender.startswith("prefsift"):
-            result(run_prefsift(args.data, args.out, rows, fast=args.contender == "prefsift-fast"))
+        if args.contender == "prefsift":
+            result(run_prefsift(args.data, args.out, rows))
+        elif args.contender == "ray-floor":
+            result(run_ray_floor(args.data, rows))
         elif args.contender == "duckdb":
             result(run_duckdb(args.data, args.out))
         else:
@@ -292,11 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         me = str(Path(__file__).resolve())
         common = ["--rows", str(rows), "--data", str(data)]
         res: dict[str, dict] = {}
-        for name in ["prefsift", "duckdb"] + (["prefsift-fast"] if args.fast else []):
+        for name in ["prefsift", "duckdb", "ray-floor"]:
             print(f"[bench_stats] {name} ...", file=sys.stderr, flush=True)
             res[name] = run_contender(me, [*common, "--contender", name, "--out", str(work / name)])
         check = compare(str(work / "prefsift"), str(work / "duckdb"))
-        check_fast = compare(str(work / "prefsift-fast"), str(work / "duckdb")) if args.fast else None
 
         notes = []
         pandas: dict = {}
@@ -325,15 +333,13 @@ def main(argv: list[str] | None = None) -> int:
             pandas["agrees_with_duckdb_on"] = pcheck["joined"]
             pandas["max_abs_diff_vs_duckdb"] = pcheck["max_abs_diff"]
 
-        p, d, f = res["prefsift"], res["duckdb"], res.get("prefsift-fast")
+        p, d, fl = res["prefsift"], res["duckdb"], res["ray-floor"]
         def row(name: str, r: dict, note: str) -> list:
             return [name, r["seconds"], r["cpu_s"], info["rows"] / r["seconds"], r["peak_rss_mb"],
                     r.get("ray_workers_pss_peak_mb"), note]
 
         rows_tab = [row("prefsift (Ray Data)", p, f"ray.init {p['ray_init_s']}s not counted; "
                         f"{p['partitions']} partitions")]
-        if f:
-            rows_tab.append(row("prefsift, proposed changes", f, "benchmarks/fast_stats.py, 64 MiB shuffle input"))
         rows_tab.append(row("DuckDB GROUP BY", d, f"{d['threads']} threads"))
         if pandas:
             rows_tab.append(row("pandas groupby-apply", pandas,
@@ -341,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                                 else "measured"))
         table = markdown_table(["contender", "wall s", "CPU s", "rows/s (wall)", "driver peak RSS MB",
                                 "Ray workers PSS MB", "note"], rows_tab)
+        table += (f"\n\nRay Data alone, nothing computed or written: read {fl['read_s']:.1f}s, read + hash shuffle "
+                  f"{fl['seconds']:.1f}s")
         table += (f"\n\nprefsift vs DuckDB on {check['joined']:,} prompts: max |diff| {check['max_abs_diff']:.2e}, "
                   f"agree: {check['agree']}")
         ratios = {
@@ -350,13 +358,13 @@ def main(argv: list[str] | None = None) -> int:
             "pandas_cpu_over_prefsift": ratio(pandas.get("cpu_s"), p["cpu_s"]),
             "driver_peak_rss_gb": round(p["peak_rss_mb"] / 1024, 3),
         }
-        if f:
-            ratios["prefsift_fast_time_over_duckdb"] = ratio(f["seconds"], d["seconds"])
-            ratios["pandas_time_over_prefsift_fast"] = ratio(pandas.get("seconds"), f["seconds"])
+        # Ray Data's own floor (read + shuffle, nothing computed or written) against DuckDB's whole job.
+        ratios["ray_read_over_duckdb"] = ratio(fl["read_s"], d["seconds"])
+        ratios["ray_read_shuffle_over_duckdb"] = ratio(fl["seconds"], d["seconds"])
+        ratios["prefsift_over_ray_read_shuffle"] = ratio(p["seconds"], fl["seconds"])
         emit("statistics", clean({
             "rows": info["rows"], "prompts": info["prompts"], "parquet_mb": round(size_mb, 1),
-            "prefsift": p, "prefsift_fast": f, "duckdb": d, "pandas": pandas, "check": check,
-            "check_fast": check_fast,
+            "prefsift": p, "duckdb": d, "ray_floor": fl, "pandas": pandas, "check": check,
         }), ratios, table=table, notes=notes,
             targets={"prefsift_time_over_duckdb": "<= 1.5", "pandas_time_over_prefsift": ">= 10",
                      "driver_peak_rss_gb": "< 2"},

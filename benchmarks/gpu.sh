@@ -77,7 +77,7 @@ EOF
 
 # vLLM is optional; a wheel built against another torch fails on import with more than an ImportError.
 if "$PY" -c "import vllm" >/dev/null 2>&1; then
-    BACKENDS=raw-vllm,vllm,hf
+    BACKENDS=raw-vllm,raw-vllm-actor,vllm,hf
 else
     BACKENDS=hf
     echo "gpu.sh: vllm does not import here; generation runs the HF backend only" >&2

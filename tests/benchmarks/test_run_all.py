@@ -25,7 +25,8 @@ BENCHES = {bench: stage for stage, (_, bench, _) in STAGES.items()}
 POSITIVE = {
     "generation": ("hf.tokens", "hf.tok_s", "hf.seconds"),
     "reward scoring": ("baseline.rows_s", "baseline.tok_s", "pipeline.rows_s", "pipeline.tok_s", "baseline.tokens"),
-    "statistics": ("prefsift.seconds", "duckdb.seconds", "pandas.seconds", "rows", "prompts"),
+    "statistics": ("prefsift.seconds", "duckdb.seconds", "pandas.seconds", "ray_floor.seconds", "ray_floor.read_s",
+                   "rows", "prompts"),
     "training": ("single.steps_s", "single.pairs_s", "ray-1w.steps_s", "ray-1w.pairs_s", "ray-2w.pairs_s",
                  "ray-1w.wall_s", "pairs.pairs"),
     "end to end": ("wall_s", "stages.samples.seconds", "stages.samples.rows_out", "stages.pairs.rows_out",
@@ -34,7 +35,7 @@ POSITIVE = {
 RATIOS = {
     "generation": ("pipeline_hf_over_raw_vllm",),
     "reward scoring": ("pipeline_over_baseline_responses_s",),
-    "statistics": ("prefsift_time_over_duckdb", "pandas_time_over_prefsift"),
+    "statistics": ("prefsift_time_over_duckdb", "pandas_time_over_prefsift", "ray_read_shuffle_over_duckdb"),
     "training": ("ray_1w_over_single_steps_s", "ray_2w_over_1w_pairs_s"),
     "end to end": ("prompts_per_s_wall",),
 }

@@ -234,7 +234,10 @@ def carry_columns(prompt_columns, scored_columns) -> tuple[str, ...]:
 def _group_starts(pid: pa.Array) -> np.ndarray:
     """Row positions where a new prompt_id begins, for a column sorted by prompt_id (compared in Arrow)."""
     change = np.ones(len(pid), dtype=bool)
-    if len(pid) > 1:
+    if len(pid) > 1 and pid.null_count:  # nulls sort last and form one group, as in a plain comparison
+        ids = pid.to_numpy(zero_copy_only=False)
+        change[1:] = ids[1:] != ids[:-1]
+    elif len(pid) > 1:
         change[1:] = pc.not_equal(pid.slice(1), pid.slice(0, len(pid) - 1)).to_numpy(zero_copy_only=False)
     return np.flatnonzero(change)
 
@@ -243,7 +246,7 @@ def _sorted_by_prompt(table: pa.Table) -> pa.Table:
     """The table in (prompt_id, sample_idx) order; a cheap check when it is in that order already."""
     pid = table.column("prompt_id").combine_chunks()
     n = len(pid)
-    if n > 1 and pc.all(pc.less_equal(pid.slice(0, n - 1), pid.slice(1))).as_py():
+    if n > 1 and not pid.null_count and pc.all(pc.less_equal(pid.slice(0, n - 1), pid.slice(1))).as_py():
         group = np.zeros(n, dtype=np.int64)
         group[_group_starts(pid)[1:]] = 1
         group = np.cumsum(group)

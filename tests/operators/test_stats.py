@@ -271,3 +271,10 @@ def test_chunk_bounds_cover_every_group_once_under_the_cap(sizes, cap):
         assert g1 - g0 == 1 or cells <= cap  # a single group may exceed the cap on its own
         if g1 < sizes.size:  # greedy: one more group would pass the cap
             assert (g1 + 1 - g0) * int(sizes[g0:g1 + 1].max()) ** 2 > cap
+
+
+def test_null_prompt_ids_form_one_group_after_the_others():
+    rows = [{"prompt_id": pid, "sample_idx": i, "reward": float(r), "response": "x", "response_len": 1}
+            for pid, i, r in [("b", 0, 1), (None, 0, 5), ("a", 0, 2), (None, 1, 3), ("b", 1, 4), ("a", 1, 0)]]
+    out = prompt_stats(long_table(rows), StatsParams()).to_pylist()
+    assert [(o["prompt_id"], o["n"], o["margin"]) for o in out] == [("a", 2, 2.0), ("b", 2, 3.0), (None, 2, 2.0)]

@@ -10,8 +10,9 @@ stage. Here each line is parsed on its own and normalised to the column contract
 * inside `responses`, a response whose text, score or scores have the wrong type keeps its row and carries
   the reason in its `problem` field, which ingest turns into a per-response quarantine;
 * every other top-level field is carried as a string column: text as it is, anything else as JSON text.
-  The set of columns is fixed up front from the first `PEEK_LINES` lines (`peek_columns`), so every block
-  has the same schema; a field first seen later is not carried;
+  The set of columns is fixed up front from the first `PEEK_LINES` lines (`peek_columns`; `input.peek_lines`,
+  0 for every line), so every block has the same schema; a line holding a field first seen after them is
+  quarantined as `field_not_in_schema`, naming the fields, rather than losing them quietly;
 * blank lines, a UTF-8 BOM and CRLF line ends are accepted; a line that is not UTF-8, not JSON, not an
   object, or holds a lone UTF-16 surrogate (`"\\ud800"`) is quarantined with a reason, and the detail column
   names the file and line;
@@ -172,11 +173,17 @@ def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None, str | Non
 def parse_lines(lines: list[tuple[int, bytes]], path: str, columns: list[str]) -> pa.Table:
     """(line number, raw bytes) -> a block with exactly `columns` (+ quarantine, detail), typed per CONTRACT."""
     cols: dict[str, list[Any]] = {c: [] for c in columns}
+    known = set(columns)
     reasons: list[str | None] = []
     details: list[str | None] = []
     for lineno, raw in lines:
         obj, reason, msg = parse_line(raw)
         row: dict[str, Any] = {}
+        if obj is not None and not known.issuperset(obj):
+            unknown = ", ".join(repr(k) for k in obj if k not in known)
+            reason = "field_not_in_schema"
+            msg = (f"field(s) {unknown} first appear after the lines read to fix the columns; they would be "
+                   f"lost, so the line is set aside (input.peek_lines=0 reads every line for the columns)")
         if obj is not None:
             for c in columns:
                 try:
@@ -268,8 +275,9 @@ def list_files(path: str) -> list[tuple[Any, str]]:
     return [(fs, p) for p in sorted(names)]
 
 
-def peek_columns(path: str, max_lines: int = PEEK_LINES) -> tuple[list[str], int, str | None]:
-    """(field names in first-seen order, objects seen, first problem) over the first `max_lines` records."""
+def peek_columns(path: str, max_lines: int | None = PEEK_LINES) -> tuple[list[str], int, str | None]:
+    """(field names in first-seen order, objects seen, first problem) over the first `max_lines` records
+    (every record for 0 or None)."""
     keys: dict[str, None] = {}
     seen, problem = 0, None
     for fs, file in list_files(path):
@@ -281,7 +289,7 @@ def peek_columns(path: str, max_lines: int = PEEK_LINES) -> tuple[list[str], int
                     continue
                 keys.update(dict.fromkeys(obj))
                 seen += 1
-                if seen >= max_lines:
+                if max_lines and seen >= max_lines:
                     return list(keys), seen, problem
     return list(keys), seen, problem
 

@@ -79,8 +79,9 @@ def check_local_path(path: str) -> None:
         raise InputError(f"input path does not exist: {path}")
 
 
-def read_input(path: str, fmt: str = "auto", limit: int | None = None):
-    """A Ray Dataset over the input. `limit` keeps the first N rows in file order."""
+def read_input(path: str, fmt: str = "auto", limit: int | None = None, peek_lines: int | None = None):
+    """A Ray Dataset over the input. `limit` keeps the first N rows in file order; `peek_lines` is how many
+    JSONL lines fix the columns (default `operators.jsonl.PEEK_LINES`, 0 for all)."""
     import ray
 
     check_local_path(path)
@@ -93,7 +94,9 @@ def read_input(path: str, fmt: str = "auto", limit: int | None = None):
     elif fmt == "jsonl":
         from operators.jsonl import JsonlDatasource, peek_columns
 
-        columns, seen, problem = peek_columns(path)
+        if peek_lines is not None and peek_lines < 0:
+            raise InputError(f"input.peek_lines must be >= 0 (0 reads every line), got {peek_lines}")
+        columns, seen, problem = peek_columns(path) if peek_lines is None else peek_columns(path, peek_lines)
         if not seen:
             raise InputError(f"input {path} holds no readable rows: {problem}" if problem
                              else f"input {path} holds no rows (empty or blank)")

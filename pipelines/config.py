@@ -47,6 +47,9 @@ class InputCfg:
     #   otherwise                                      -> prompts (generate, then score)
     schema: Literal["auto", "prompts", "rated", "binarized"] = "auto"
     limit: int | None = None  # keep the first N rows of the input (demo / smoke runs)
+    # JSONL: lines read up front to fix the columns; a later line with a field they did not show is
+    # quarantined (field_not_in_schema). 0 reads every line first (one more pass over the input).
+    peek_lines: int = 1000
 
 
 @dataclass(frozen=True)

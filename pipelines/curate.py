@@ -88,7 +88,7 @@ def main(cfg: CurateConfig) -> dict:
 
     # --- read: validate rows, set aside empty prompts and duplicate ids ---------------------------------
     with input_errors():  # the schema comes from the first block, which a read task makes
-        raw = read_input(in_path, cfg.input.format, cfg.input.limit)
+        raw = read_input(in_path, cfg.input.format, cfg.input.limit, cfg.input.peek_lines)
         raw_schema = raw.schema()
     if raw_schema is None or not raw_schema.names:
         raise InputError(f"input {in_path} holds no rows")

@@ -77,7 +77,7 @@ def main(cfg: EvaluateConfig) -> dict:
     run = RunDir(cfg.output.dir)
     run.start("evaluate", to_dict(cfg))
     in_path = resolve_path(cfg.input.path)
-    raw = read_input(in_path, cfg.input.format, cfg.input.limit)
+    raw = read_input(in_path, cfg.input.format, cfg.input.limit, cfg.input.peek_lines)
     if detect_schema(raw.schema().names) != "prompts" and cfg.input.schema == "auto":
         say("evaluate uses only the prompts of the held-out input")
     k = cfg.generate.num_samples

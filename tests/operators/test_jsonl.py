@@ -8,7 +8,15 @@ import math
 import pyarrow as pa
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL
-from operators.jsonl import CONTRACT, iter_lines, iter_records, normalize_field, parse_line, parse_lines
+from operators.jsonl import (
+    CONTRACT,
+    iter_lines,
+    iter_records,
+    normalize_field,
+    parse_line,
+    parse_lines,
+    peek_columns,
+)
 
 
 def rows(lines: list[bytes], columns: list[str]) -> list[dict]:
@@ -92,3 +100,18 @@ def test_binarized_rows_string_or_message_sides():
     assert [[(r["text"], r["overall"]) for r in row["responses"]] for row in rated[:2]] == \
         [[("good", 8.0), ("bad", 2.0)], [("yes", 3.5), ("no", 1.0)]]
     assert rated[0]["prompt_id"] and rated[2][QUARANTINE] == "wrong_type_score_chosen"
+
+
+def test_a_field_outside_the_peeked_columns_quarantines_its_line_naming_it():
+    got = rows([b'{"prompt_id": "a", "prompt": "x"}', b'{"prompt_id": "b", "prompt": "y", "lang": "en", "m": 1}'],
+               ["prompt_id", "prompt"])
+    assert [r[QUARANTINE] for r in got] == [None, "field_not_in_schema"]
+    assert got[1][QUARANTINE_DETAIL].startswith("in.jsonl:2: field(s) 'lang', 'm' first appear after")
+    assert "input.peek_lines=0" in got[1][QUARANTINE_DETAIL]
+
+
+def test_peek_columns_reads_the_first_lines_or_all(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(f'{{"prompt_id": "p{i}", "prompt": "x"}}\n' for i in range(5)) + '{"prompt_id": "q", "late": 1}\n')
+    assert peek_columns(str(path), 3) == (["prompt_id", "prompt"], 3, None)
+    assert peek_columns(str(path), 0) == (["prompt_id", "prompt", "late"], 6, None)

@@ -404,6 +404,22 @@ def test_invalid_utf8_in_plain_jsonl_is_a_quarantined_row(ray_local, tmp_path):
     assert rows[None][QUARANTINE_DETAIL].startswith(f"{path}:2: invalid UTF-8: byte 0xff")
 
 
+def test_a_field_first_seen_after_the_peeked_lines_is_never_lost(ray_local, tmp_path):
+    rows_ = [{"prompt_id": f"p{i}", "prompt": f"q{i}", "responses": GOOD} for i in range(4)]
+    rows_.append({"prompt_id": "late", "prompt": "q", "responses": GOOD, "lang": "en"})
+    path = write_jsonl(tmp_path / "late.jsonl", rows_)
+    curate.main(cfg_for(path, tmp_path / "peek2", "input.peek_lines=2"))
+    m = manifest(tmp_path / "peek2")
+    assert m["stages"]["prompts"]["quarantined"] == {"field_not_in_schema": 1}
+    (q,) = quarantine(tmp_path / "peek2", "prompts")
+    assert "'lang'" in q["detail"] and q["detail"].startswith(f"{path}:5: ")
+    check_balance(m)
+    curate.main(cfg_for(path, tmp_path / "all", "input.peek_lines=0"))  # every line fixes the columns
+    assert manifest(tmp_path / "all")["stages"]["prompts"]["quarantined"] == {}
+    stats = {r["prompt_id"]: r for r in pq.read_table(tmp_path / "all" / "stats").to_pylist()}
+    assert stats["late"]["lang"] == "en" and stats["p0"]["lang"] is None
+
+
 def test_truncated_gzip_is_an_error_naming_the_file(ray_local, tmp_path):
     # Poorly compressible text, 4 MB of it: the damage lies past the lines the driver peeks at, so the read
     # task in a Ray worker meets it and its error has to come back to the driver intact.

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from operators.base import Operator, Resources, with_quarantine
+from operators.base import QUARANTINE, Operator, Resources, with_quarantine
 from pipelines.config import GenerateCfg
 
 OUTPUT_TYPES: dict[str, pa.DataType] = {
@@ -312,12 +312,20 @@ class Generator(Operator):
         ids = [str(p) for p in batch.column("prompt_id").to_pylist()]
         prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * len(ids)
         messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * len(ids)
+        # A row set aside upstream (in the same stage) keeps its reason and costs no generation.
+        upstream = (batch.column(QUARANTINE).to_pylist() if QUARANTINE in batch.column_names
+                    else [None] * len(ids))
 
         take: list[int] = []  # input row of each output row
         sample_idx: list[int | None] = []
         reasons: list[str | None] = []
         requests: list[Request] = []
-        for row, (pid, prompt, msgs) in enumerate(zip(ids, prompts, messages, strict=True)):
+        for row, (pid, prompt, msgs, earlier) in enumerate(zip(ids, prompts, messages, upstream, strict=True)):
+            if earlier is not None:
+                take.append(row)
+                sample_idx.append(None)
+                reasons.append(None)  # with_quarantine keeps the existing reason
+                continue
             conv = conversation(prompt, msgs)
             tokens = prompt_token_ids(self.tokenizer, conv) if conv is not None else None
             if tokens is None or len(tokens) >= self.cfg.max_model_len:

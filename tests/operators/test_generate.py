@@ -167,6 +167,16 @@ def test_bad_config_names_the_key(tiny_models):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def test_a_row_quarantined_upstream_keeps_its_reason_and_is_not_generated(hf_gen):
+    # evaluate validates and generates in one stage, so set-aside rows reach the generator.
+    batch = pa.table({"prompt_id": ["a", "a"], "prompt": [PROMPTS[0], PROMPTS[1]],
+                      QUARANTINE: [None, "duplicate_prompt_id"]})
+    rows = hf_gen(batch).to_pylist()
+    assert [(r["prompt"], r["sample_idx"], r[QUARANTINE]) for r in rows] == [
+        (PROMPTS[0], 0, None), (PROMPTS[0], 1, None), (PROMPTS[0], 2, None), (PROMPTS[1], None, "duplicate_prompt_id")]
+    assert all(rows[3][c] is None for c in OUTPUT_TYPES)
+
+
 def test_k_rows_per_prompt_and_too_long_prompt_quarantined(hf_gen):
     batch = pa.table({"prompt_id": ["a", "long", "b"], "prompt": [PROMPTS[0], "word " * 200, PROMPTS[1]],
                       "source": ["s1", "s2", "s3"]})

@@ -192,6 +192,12 @@ def validate_prompts(batch: pa.Table, schema: str, source: str) -> pa.Table:
     return with_quarantine(batch, pa.array(list(reasons), pa.string()))
 
 
+def dedupe_prompts(ds, num_partitions: int):
+    """`dedupe_block` over a data set: one hash shuffle puts each prompt_id's rows in one block."""
+    return ds.repartition(num_partitions, keys=["prompt_id"], sort=True) \
+        .map_batches(dedupe_block, batch_format="pyarrow", batch_size=None)
+
+
 def dedupe_block(batch: pa.Table) -> pa.Table:
     """Within a block holding each prompt_id's rows whole: exact duplicates keep one copy, and every copy of
     an id whose rows differ is set aside (`conflicting_duplicate_prompt_id`), because no copy is the right one.

@@ -22,7 +22,7 @@ from operators.read import (
     check_input_columns,
     check_input_types,
     check_local_path,
-    dedupe_block,
+    dedupe_prompts,
     detect_schema,
     input_errors,
     read_input,
@@ -50,6 +50,11 @@ def partitions_for(rows: int, override: int | None = None, nbytes: int = 0) -> i
     cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
     by_size = math.ceil(nbytes / PARTITION_BYTES) if nbytes else math.ceil(rows / 200_000)
     return max(2, min(200, max(by_size, cpus)))
+
+
+def read_partitions(path: str) -> int:
+    """Partitions for the duplicate-id shuffle from the input size (~64 MB each): no extra pass to size it."""
+    return max(2, min(200, input_bytes(path) // PARTITION_BYTES + 1))
 
 
 def input_bytes(path: str) -> int:
@@ -111,10 +116,7 @@ def main(cfg: CurateConfig) -> dict:
                             row_schema, in_path)
         ds = ds.map_batches(validate_prompts, fn_kwargs={"schema": row_schema, "source": source},
                             batch_format="pyarrow")
-        # Partitions from the input size (~64 MB each), so sizing the shuffle costs no extra pass.
-        parts = max(2, min(200, input_bytes(in_path) // (64 << 20) + 1))
-        return ds.repartition(parts, keys=["prompt_id"], sort=True) \
-            .map_batches(dedupe_block, batch_format="pyarrow", batch_size=None)
+        return dedupe_prompts(ds, read_partitions(in_path))
 
     read_fp = fingerprint(cfg.input, input_stamp(in_path))
     with input_errors():

@@ -1,7 +1,10 @@
 """Evaluate a trained policy against its reference: same held-out prompts, same generation operator, same
 per-sample seeds, one reward model as the judge. Reports the RM-judged win rate with a bootstrap 95% CI.
 
-    python -m pipelines.evaluate --config pipelines/configs/evaluate_demo_cpu.yaml policy=runs/demo/train/final
+    python -m pipelines.evaluate --config eval.yaml policy=runs/demo/train/final
+
+(the `evaluate:` section of pipelines/configs/demo_cpu.yaml is a complete eval.yaml; `pipelines.run` runs it
+after training).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL, apply
-from operators.read import detect_schema, read_input, validate_prompts
+from operators.read import dedupe_prompts, detect_schema, read_input, validate_prompts
 from pipelines.config import (
     GenerateCfg,
     InputCfg,
@@ -26,6 +29,7 @@ from pipelines.config import (
     resolve_path,
     to_dict,
 )
+from pipelines.curate import read_partitions
 from pipelines.manifest import RunDir
 from pipelines.stages import init_ray, read_stage, run_stage, say
 
@@ -94,6 +98,9 @@ def main(cfg: EvaluateConfig) -> dict:
                                                  QUARANTINE_DETAIL) if c in raw.schema().names])
             ds = ds.map_batches(validate_prompts, fn_kwargs={"schema": "prompts", "source": "heldout"},
                                 batch_format="pyarrow")
+            # Samples are paired by (prompt_id, sample_idx): two prompts under one id would overwrite each
+            # other, so duplicate ids are set aside as in curation.
+            ds = dedupe_prompts(ds, read_partitions(in_path))
             # Same run seed for both models: sample i of a prompt uses the same seed under either policy.
             ds = apply(ds, _generator(), _gen_resources(gen), cfg=gen, seed=cfg.run.seed)
             return apply(ds, _scorer(), _score_resources(score_cfg), cfg=score_cfg)

@@ -242,21 +242,23 @@ def _group_starts(pid: pa.Array) -> np.ndarray:
     return np.flatnonzero(change)
 
 
-def _sorted_by_prompt(table: pa.Table) -> pa.Table:
-    """The table in (prompt_id, sample_idx) order; a cheap check when it is in that order already."""
+def _sorted_by_prompt(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """The table in (prompt_id, sample_idx) order and its group starts; a cheap check when it is in that
+    order already (a reorder inside prompts keeps the group starts)."""
     pid = table.column("prompt_id").combine_chunks()
     n = len(pid)
     if n > 1 and not pid.null_count and pc.all(pc.less_equal(pid.slice(0, n - 1), pid.slice(1))).as_py():
+        starts = _group_starts(pid)
         group = np.zeros(n, dtype=np.int64)
-        group[_group_starts(pid)[1:]] = 1
+        group[starts[1:]] = 1
         group = np.cumsum(group)
         sample = table.column("sample_idx").to_numpy(zero_copy_only=False)
         if ((sample[1:] >= sample[:-1]) | (group[1:] != group[:-1])).all():
-            return table
-        return table.take(pa.array(np.lexsort((sample, group))))  # only the order inside prompts was off
-    if n <= 1:
-        return table
-    return table.take(pc.sort_indices(table, sort_keys=[("prompt_id", "ascending"), ("sample_idx", "ascending")]))
+            return table, starts
+        return table.take(pa.array(np.lexsort((sample, group)))), starts  # only the order inside prompts was off
+    if n > 1:
+        table = table.take(pc.sort_indices(table, sort_keys=[("prompt_id", "ascending"), ("sample_idx", "ascending")]))
+    return table, _group_starts(table.column("prompt_id").combine_chunks())
 
 
 def chunk_bounds(sizes: np.ndarray, max_cells: int) -> list[tuple[int, int]]:
@@ -280,8 +282,7 @@ def prompt_stats(table: pa.Table, params: StatsParams, max_cells: int = 4_000_00
     """
     if table.num_rows == 0:
         return _empty_stats(table, params)
-    table = _sorted_by_prompt(table)
-    starts = _group_starts(table.column("prompt_id").combine_chunks())
+    table, starts = _sorted_by_prompt(table)
     sizes = np.diff(np.append(starts, table.num_rows))
     pieces = []
     for g0, g1 in chunk_bounds(sizes, max_cells):

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
+    add_model_args,
     clean,
     cuda_available,
     emit,
@@ -156,9 +157,7 @@ def run_pipeline(a: argparse.Namespace, prompts: list[dict], backend: str) -> di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--model-shape", default="tiny", help="tiny | qwen2-0.5b (benchmarks/models.py)")
-    ap.add_argument("--models-dir", default=None, help="build/reuse models here (default: a temp dir)")
+    add_model_args(ap)
     ap.add_argument("--prompts", type=int, default=None, help="default 200; 8 with --quick")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=None, help="default 64; 16 with --quick")

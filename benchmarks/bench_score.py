@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from benchmarks.common import (
     REPO,
     _append,
+    add_model_args,
     clean,
     cuda_available,
     emit,
@@ -235,9 +236,7 @@ def compare(base: str, pipe: str, dtype: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--model-shape", default="tiny", help="tiny | qwen2-0.5b (its 1B-shaped reward model)")
-    ap.add_argument("--models-dir", default=None, help="build/reuse models here (default: a temp dir)")
+    add_model_args(ap, "tiny | qwen2-0.5b (its 1B-shaped reward model)")
     ap.add_argument("--responses", type=int, default=None, help="default 2400; 128 with --quick")
     # The demo config's sizes: 64 rows per call, forwards of 16, 512 tokens.
     ap.add_argument("--batch-size", type=int, default=64, help="rows per map_batches call (the bucketing window)")

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.common import (
     REPO,
+    add_model_args,
     clean,
     cuda_available,
     emit,
@@ -210,9 +211,7 @@ def run_ray(a: argparse.Namespace, workers: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--model-shape", default="tiny", help="tiny | qwen2-0.5b (benchmarks/models.py)")
-    ap.add_argument("--models-dir", default=None, help="build/reuse models here (default: a temp dir)")
+    add_model_args(ap)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 40; 6 with --quick)")
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per worker per step")
     ap.add_argument("--max-length", type=int, default=512)

@@ -348,6 +348,13 @@ def read_timings(path: str) -> dict[str, float]:
     }
 
 
+def add_model_args(ap, shape_help: str = "tiny | qwen2-0.5b (benchmarks/models.py)") -> None:
+    """The flags every model benchmark takes: --quick, --model-shape, --models-dir."""
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model-shape", default="tiny", help=shape_help)
+    ap.add_argument("--models-dir", default=None, help="build/reuse models here (default: a temp dir)")
+
+
 def init_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> float:
     """The pipeline's own local Ray start (pipelines.stages.init_ray); returns its seconds."""
     from pipelines.stages import init_ray

@@ -86,7 +86,7 @@ def _models(section: dict, models: dict[str, str]) -> dict:
 
 def run_e2e(a: argparse.Namespace) -> dict:
     from pipelines import curate
-    from pipelines.config import CurateConfig, from_dict, load_yaml
+    from pipelines.runtime.config import CurateConfig, from_dict, load_yaml
 
     models = json.loads(a.models_json)
     demo = load_yaml(DEMO_CONFIG)

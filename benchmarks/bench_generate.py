@@ -42,7 +42,7 @@ from benchmarks.common import (
     timed_operator,
 )
 from benchmarks.models import load_prompts, prepare_models
-from pipelines.config import GenerateCfg
+from operators.generate import GenerateCfg
 
 SEED = 0
 TEMPERATURE = 1.0
@@ -126,7 +126,7 @@ def run_pipeline(a: argparse.Namespace, prompts: list[dict], backend: str) -> di
 
     from operators.base import apply
     from operators.generate import Generator, generator_resources
-    from pipelines.stages import column_sums
+    from pipelines.runtime.stages import column_sums
 
     cuda = cuda_available()
     init_s = init_local_ray(object_store_gb=1.0)

@@ -185,8 +185,7 @@ def run_pipeline(a: argparse.Namespace) -> dict:
     import ray
 
     from operators.base import apply
-    from operators.score import scorer_resources
-    from pipelines.config import RewardModelCfg, ScoreCfg
+    from operators.score import RewardModelCfg, ScoreCfg, scorer_resources
 
     init_s = init_local_ray(object_store_gb=1.0)
     cfg = ScoreCfg(models=[RewardModelCfg(path=a.model)], batch_size=a.batch_size,

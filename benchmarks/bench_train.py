@@ -85,7 +85,7 @@ def write_pairs(out_dir: Path, policy: str, max_length: int, limit: int | None) 
 
 
 def train_config(a: argparse.Namespace, workers: int, out_dir: str):
-    from pipelines.config import from_dict
+    from pipelines.runtime.config import from_dict
     from pipelines.train_dpo import TrainConfig
 
     cuda = cuda_available()
@@ -130,9 +130,11 @@ def run_single(a: argparse.Namespace, threads: int | None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-    from pipelines import train_utils as tu
-    from pipelines.dpo_data import pad_token_id, pair_logps
-    from pipelines.losses import Logps, get_loss
+    from operators.logprobs import pad_token_id, pair_logps
+    from pipelines.training.batches import LocalData, LocalSchedule
+    from pipelines.training.losses import Logps, get_loss
+    from pipelines.training.model import disable_dropout, wrap_model
+    from pipelines.training.placement import local_rows
 
     cuda = cuda_available()
     if threads and not cuda:
@@ -144,16 +146,16 @@ def run_single(a: argparse.Namespace, threads: int | None) -> dict:
     loss_fn = get_loss(cfg.loss.name)
     tokenizer = AutoTokenizer.from_pretrained(a.policy)
     model = AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32)
-    tu.disable_dropout(model)
-    model = tu.wrap_model(model, fsdp=False, device=device, world=1)
+    disable_dropout(model)
+    model = wrap_model(model, fsdp=False, device=device, world=1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": oc.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=oc.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, oc.warmup_steps, oc.max_steps)
-    rows = tu.local_rows([pq.read_table(a.pairs)], None, 0, 1, oc.per_device_batch_size)
-    data = tu.LocalData.build(rows, tokenizer, cfg.input.max_length)
-    sched = tu.LocalSchedule(data.n_rows, oc.per_device_batch_size, oc.grad_accum, False, seed=cfg.run.seed, rank=0)
+    rows = local_rows([pq.read_table(a.pairs)], None, 0, 1, oc.per_device_batch_size)
+    data = LocalData.build(rows, tokenizer, cfg.input.max_length)
+    sched = LocalSchedule(data.n_rows, oc.per_device_batch_size, oc.grad_accum, False, seed=cfg.run.seed, rank=0)
     pad = pad_token_id(tokenizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=oc.bf16)
 

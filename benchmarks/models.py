@@ -21,7 +21,7 @@ from benchmarks.common import REPO
 
 PROMPTS_FILE = REPO / "pipelines" / "data" / "arena_hard_prompts_200.jsonl.gz"
 
-# Policy / reward-model shapes. `tiny` is pipelines.tiny_models (hidden 128, 2 layers).
+# Policy / reward-model shapes. `tiny` is pipelines.tools.tiny_models (hidden 128, 2 layers).
 SHAPES: dict[str, dict[str, dict[str, Any]]] = {
     "qwen2-0.5b": {
         # Qwen2-0.5B's config.json: 24 layers, hidden 896, 14 heads (head_dim 64), 2 KV heads.
@@ -39,7 +39,7 @@ SHAPES: dict[str, dict[str, dict[str, Any]]] = {
 def prepare_models(shape: str, out_dir: str | Path) -> dict[str, str]:
     """name -> model folder: `policy` (causal LM) and `reward` (1-output classifier), plus, for `tiny`,
     everything `build_tiny_models` makes."""
-    from pipelines.tiny_models import build_tiny_models
+    from pipelines.tools.tiny_models import build_tiny_models
 
     out = Path(out_dir)
     tiny = build_tiny_models(out / "tiny")

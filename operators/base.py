@@ -26,6 +26,10 @@ class ColumnError(ValueError):
     """The data lacks columns an operator needs."""
 
 
+class InputError(ValueError):
+    """The input cannot be read as asked; the message names the path and the problem."""
+
+
 @dataclass(frozen=True)
 class Resources:
     num_cpus: float = 1.0

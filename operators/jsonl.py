@@ -30,8 +30,7 @@ from typing import Any
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
-from operators.base import QUARANTINE, QUARANTINE_DETAIL
-from operators.read import InputError
+from operators.base import QUARANTINE, QUARANTINE_DETAIL, InputError
 
 EXTENSIONS = ["jsonl", "json", "jsonl.gz", "json.gz", "jsonl.zst", "json.zst", "jsonl.bz2", "json.bz2",
               "jsonl.lz4", "json.lz4"]

@@ -12,13 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.base import QUARANTINE, QUARANTINE_DETAIL, ColumnError, with_quarantine
+from operators.base import QUARANTINE, QUARANTINE_DETAIL, ColumnError, InputError, with_quarantine
 
 SCHEMAS = ("prompts", "rated", "binarized")
-
-
-class InputError(ValueError):
-    """The input cannot be read as asked; the message names the path and the problem."""
 
 
 @contextlib.contextmanager

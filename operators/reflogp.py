@@ -2,7 +2,7 @@
 
 For each pair: the summed log-prob of the chosen and of the rejected completion (response + eos) under the
 reference model, and the completion token counts, with exactly the tokenization and log-prob code the
-training loop uses (`pipelines.dpo_data`). Rows that cannot be scored are quarantined with a reason:
+training loop uses (`operators.logprobs`). Rows that cannot be scored are quarantined with a reason:
 - `null_text`: prompt, chosen or rejected is null;
 - `prompt_exceeds_max_length`: the rendered prompt alone fills `max_length`, so truncation would leave no
   completion token (TRL drops these rows too).
@@ -42,7 +42,7 @@ class ReferenceLogProbs(Operator):
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from pipelines.dpo_data import completion_lengths, encode_pairs, pad_token_id, pair_logps
+        from operators.logprobs import completion_lengths, encode_pairs, pad_token_id, pair_logps
 
         n = batch.num_rows
         cols = {c: batch.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")}

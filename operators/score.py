@@ -20,8 +20,8 @@ on; cutting the end instead would score an arbitrary point mid-response.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,30 @@ import pyarrow.compute as pc
 from operators.base import Operator, Resources, with_quarantine
 from operators.generate import conversation
 from operators.stats import ASPECT_PREFIX
-from pipelines.config import ScoreCfg
+
+
+@dataclass(frozen=True)
+class RewardModelCfg:
+    path: str = ""
+    # Names for a multi-head model's outputs; null reads them from config.id2label. A 1-head model with one
+    # aspect name scores that aspect (several single-aspect models then make a multi-aspect scorer).
+    aspects: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class ScoreCfg:
+    models: list[RewardModelCfg] = field(default_factory=list)
+    # How `reward` is formed from aspects: `mean` of all aspects, or the name of one aspect.
+    overall: str = "mean"
+    batch_size: int = 64  # rows per map_batches call
+    micro_batch_size: int = 16  # rows per forward pass, after sorting by length
+    max_length: int = 1024
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    trust_remote_code: bool = False
+    max_restarts: int | None = None
 
 
 def model_aspects(num_labels: int, cfg_aspects: list[str] | None, id2label: dict[int, str] | None,

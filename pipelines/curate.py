@@ -14,10 +14,9 @@ import os
 import sys
 from dataclasses import asdict, replace
 
-from operators.base import apply
+from operators.base import InputError, apply
 from operators.ingest import count_responses, explode_rated
 from operators.read import (
-    InputError,
     binarized_to_rated,
     check_input_columns,
     check_input_types,
@@ -29,10 +28,10 @@ from operators.read import (
     validate_prompts,
 )
 from operators.stats import StatsParams, aspect_names, carry_columns, compute_norms, grouped_stats
-from pipelines.config import ConfigError, CurateConfig, fingerprint, model_path, resolve_path, to_dict
-from pipelines.manifest import RunDir
+from pipelines.runtime.config import ConfigError, CurateConfig, fingerprint, model_path, resolve_path, to_dict
+from pipelines.runtime.manifest import RunDir
+from pipelines.runtime.stages import column_sums, init_ray, read_stage, run_stage, say
 from pipelines.select import run_selection
-from pipelines.stages import column_sums, init_ray, read_stage, run_stage, say
 
 PARTITION_BYTES = 64 << 20  # parquet bytes of input per hash partition (~2-3x that in memory)
 
@@ -189,6 +188,6 @@ def main(cfg: CurateConfig) -> dict:
 
 
 if __name__ == "__main__":
-    from pipelines.config import cli
+    from pipelines.runtime.config import cli
 
     sys.exit(cli(CurateConfig, main, __doc__, sys.argv[1:], finish=lambda c: c.output.dir))

@@ -17,7 +17,8 @@ import numpy as np
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL, apply
 from operators.read import dedupe_prompts, detect_schema, read_input, validate_prompts
-from pipelines.config import (
+from pipelines.curate import read_partitions
+from pipelines.runtime.config import (
     GenerateCfg,
     InputCfg,
     OutputCfg,
@@ -29,9 +30,8 @@ from pipelines.config import (
     resolve_path,
     to_dict,
 )
-from pipelines.curate import read_partitions
-from pipelines.manifest import RunDir
-from pipelines.stages import init_ray, read_stage, run_stage, say
+from pipelines.runtime.manifest import RunDir
+from pipelines.runtime.stages import init_ray, read_stage, run_stage, say
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,6 @@ def _score_resources(sc):
 
 
 if __name__ == "__main__":
-    from pipelines.config import cli
+    from pipelines.runtime.config import cli
 
     sys.exit(cli(EvaluateConfig, main, __doc__, sys.argv[1:], finish=lambda c: c.output.dir))

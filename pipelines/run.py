@@ -14,9 +14,9 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from pipelines import curate, evaluate, train_dpo
-from pipelines.config import CurateConfig
 from pipelines.evaluate import EvaluateConfig
-from pipelines.stages import say
+from pipelines.runtime.config import CurateConfig
+from pipelines.runtime.stages import say
 from pipelines.train_dpo import TrainConfig
 
 
@@ -54,7 +54,7 @@ def main(cfg: RunConfig) -> dict:
 
     if cfg.report:
         try:
-            from pipelines.report import print_summary, write_report
+            from pipelines.reporting.report import print_summary, write_report
         except ImportError:  # the report module is optional for the job itself
             pass
         else:
@@ -66,6 +66,6 @@ def main(cfg: RunConfig) -> dict:
 
 
 if __name__ == "__main__":
-    from pipelines.config import cli
+    from pipelines.runtime.config import cli
 
     sys.exit(cli(RunConfig, main, __doc__, sys.argv[1:]))

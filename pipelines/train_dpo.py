@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipelines.config import (
+from pipelines.runtime.config import (
     ConfigError,
     RayCfg,
     RunCfg,
@@ -29,7 +29,7 @@ from pipelines.config import (
     resolve_path,
     to_dict,
 )
-from pipelines.losses import LOSSES, get_loss
+from pipelines.training.losses import LOSSES, get_loss
 
 
 @dataclass(frozen=True)
@@ -153,9 +153,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
 
     from operators.base import Resources, apply, check_columns
     from operators.reflogp import ReferenceLogProbs
-    from pipelines import train_utils as tu
-    from pipelines.manifest import RunDir
-    from pipelines.stages import init_ray, read_stage, run_stage, say
+    from pipelines.runtime.manifest import RunDir
+    from pipelines.runtime.stages import init_ray, read_stage, run_stage, say
+    from pipelines.training.placement import input_stamp, locate_pairs, order_values
 
     # --- setup: validate, start Ray, read the pairs -----------------------------------------------------
     validate(cfg)
@@ -167,7 +167,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_gb, cfg.ray.progress)
     run = RunDir(out_dir)
     run.start("train", to_dict(cfg))
-    pairs = tu.locate_pairs(resolve_path(cfg.input.path))
+    pairs = locate_pairs(resolve_path(cfg.input.path))
     ds = ray.data.read_parquet(pairs, file_extensions=["parquet"])
     check_columns(ReferenceLogProbs, ds.schema().names, where=f"pairs at {pairs}")
     if loss_fn.name == "mixdpo" or "mixdpo" in (cfg.loss.weights or {}):
@@ -178,7 +178,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     have_ref = {"ref_chosen_logp", "ref_rejected_logp"} <= set(ds.schema().names)
     if loss_fn.needs_reference and not have_ref:
         rc = cfg.reference
-        fp = fingerprint(rc, ref_model, cfg.input.max_length, tu.input_stamp(pairs))
+        fp = fingerprint(rc, ref_model, cfg.input.max_length, input_stamp(pairs))
         res = Resources(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, concurrency=rc.concurrency,
                         batch_size=rc.batch_size)
         run_stage(run, "pairs_ref", fp, lambda: apply(
@@ -194,7 +194,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     # the read (with a curriculum every worker reads everything; on 2 cores re-reading cost ~15 s).
     ds = ds.materialize()
     n_pairs = ds.count()
-    positions = tu.order_values(ds)
+    positions = order_values(ds)
     world = cfg.scaling.num_workers
     global_batch = world * cfg.optim.per_device_batch_size * cfg.optim.grad_accum
     steps_per_epoch = n_pairs // global_batch
@@ -226,7 +226,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
         datasets={"train": ds},
-        # A curriculum needs every row in every worker (see pipelines/train_utils.py); otherwise split.
+        # A curriculum needs every row in every worker (see pipelines/training/); otherwise split.
         dataset_config=DataConfig(datasets_to_split=[] if positions is not None else "all"),
     )
     t0 = time.perf_counter()
@@ -257,9 +257,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-    from pipelines import train_utils as tu
-    from pipelines.dpo_data import pad_token_id, pair_logps
-    from pipelines.losses import Logps
+    from operators.logprobs import pad_token_id, pair_logps
+    from pipelines.training.batches import LocalData, LocalSchedule
+    from pipelines.training.checkpoint import (
+        TRAINER_STATE,
+        fast_forward,
+        full_state,
+        load_optimizer_state,
+        write_checkpoint,
+    )
+    from pipelines.training.losses import Logps
+    from pipelines.training.metrics import StepMetrics, append_jsonl
+    from pipelines.training.model import disable_dropout, param_digest, wrap_model
+    from pipelines.training.placement import local_rows
 
     # --- setup: model (from the last checkpoint when resuming), optimizer, this rank's rows ---------------
     cfg: TrainConfig = config["cfg"]
@@ -279,11 +289,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint:
             # weights_only: a checkpoint folder on shared storage may be writable by others, and a pickle
             # there would run code in every worker; the state is tensors and plain containers.
-            state = torch.load(os.path.join(src, tu.TRAINER_STATE), map_location="cpu", weights_only=True)
-    tu.disable_dropout(model)
+            state = torch.load(os.path.join(src, TRAINER_STATE), map_location="cpu", weights_only=True)
+    disable_dropout(model)
     if oc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = tu.wrap_model(model, fsdp=cfg.scaling.fsdp, device=device, world=world)
+    model = wrap_model(model, fsdp=cfg.scaling.fsdp, device=device, world=world)
     # No weight decay on biases and norm weights (1-d), as HF Trainer.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
@@ -292,18 +302,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = get_cosine_schedule_with_warmup(optimizer, oc.warmup_steps, total_steps)
     start_step = 0
     if state is not None:
-        tu.load_optimizer_state(model, optimizer, state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         start_step = int(state["step"])
         # The schedule is rebuilt, not restored: a resumed run may have a new max_steps, and the lr must
         # follow the new cosine from the step reached (a restored scheduler would keep the old lr).
-        tu.fast_forward(scheduler, start_step)
+        fast_forward(scheduler, start_step)
 
     curriculum = config["positions"] is not None
     global_batch = world * oc.per_device_batch_size * oc.grad_accum
     batches = ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=4096)
-    rows = tu.local_rows(batches, ray.get(config["positions"]) if curriculum else None, rank, world, global_batch)
-    data = tu.LocalData.build(rows, tokenizer, cfg.input.max_length)
-    sched = tu.LocalSchedule(data.n_rows, oc.per_device_batch_size, oc.grad_accum, curriculum,
+    rows = local_rows(batches, ray.get(config["positions"]) if curriculum else None, rank, world, global_batch)
+    data = LocalData.build(rows, tokenizer, cfg.input.max_length)
+    sched = LocalSchedule(data.n_rows, oc.per_device_batch_size, oc.grad_accum, curriculum,
                              seed=cfg.run.seed, rank=rank)
     if data.n_rows < sched.rows_per_step:
         raise ValueError(f"rank {rank} holds {data.n_rows} pairs, fewer than one step's "
@@ -325,7 +335,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last: dict[str, Any] = {}
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
-        acc = tu.StepMetrics()
+        acc = StepMetrics()
         lr = scheduler.get_last_lr()[0]
         for micro in range(oc.grad_accum):
             idx = sched.indices(step, micro)
@@ -346,7 +356,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 (loss.mean() / oc.grad_accum).backward()
             acc.add(loss, metrics, int((pol.chosen_tokens + pol.rejected_tokens).sum().item()))
             if cfg.output.log_batches:
-                tu.append_jsonl(batch_log, {"step": step + 1, "micro": micro, "rank": rank,
+                append_jsonl(batch_log, {"step": step + 1, "micro": micro, "rank": rank,
                                             "ids": [data.ids[i] for i in idx],
                                             "pos": [data.pos[i] for i in idx]})
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.max_grad_norm)
@@ -363,7 +373,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "pairs_per_s": n_rows / dt, "tokens_per_s": n_tokens / dt,
                 "epoch": done * global_batch / config["n_pairs"]}
         if rank == 0:
-            tu.append_jsonl(metrics_file, {**last, "time": time.time()})
+            append_jsonl(metrics_file, {**last, "time": time.time()})
             progress = f"train loss {means['loss']:.4f} {last['pairs_per_s']:.1f} pairs/s"
             if bar is not None:
                 bar.set_description(progress)
@@ -377,15 +387,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         every = cfg.checkpoint.every_n_steps
         if done == total_steps or (every and done % every == 0):
             if done == total_steps and not cfg.scaling.fsdp:  # FSDP ranks hold different shards by design
-                digests: list[Any] = [tu.param_digest(model)] * world
+                digests: list[Any] = [param_digest(model)] * world
                 if world > 1:
                     torch.distributed.all_gather_object(digests, digests[0])
                 last["params_in_sync"] = len(set(digests)) == 1
-            model_state, optim_state = tu.full_state(model, optimizer)
+            model_state, optim_state = full_state(model, optimizer)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
-                    tu.write_checkpoint(tmp, model, model_state, tokenizer,
+                    write_checkpoint(tmp, model, model_state, tokenizer,
                                         {"step": done, "optimizer": optim_state},
                                         {"step": done, "total_steps": total_steps, "metrics": last})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)

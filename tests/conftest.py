@@ -32,7 +32,7 @@ def ray_local():
     """2 CPUs, a small object store: the shape of the CI machine."""
     import ray
 
-    from pipelines.stages import init_ray
+    from pipelines.runtime.stages import init_ray
 
     init_ray(num_cpus=2, object_store_gb=1.0, progress=False)
     yield ray
@@ -42,7 +42,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     """Policy, tokenizer and reward models built once per session and loaded with real from_pretrained."""
-    from pipelines.tiny_models import build_tiny_models
+    from pipelines.tools.tiny_models import build_tiny_models
 
     out = tmp_path_factory.mktemp("tiny_models")
     return build_tiny_models(out)

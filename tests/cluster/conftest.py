@@ -12,7 +12,7 @@ from tests.cluster.helpers import RATED_CONFIG, RATED_OVERRIDES
 @pytest.fixture(scope="session")
 def rated_reference(ray_local, tmp_path_factory) -> Path:
     from pipelines import curate
-    from pipelines.config import CurateConfig, load_config
+    from pipelines.runtime.config import CurateConfig, load_config
 
     out = tmp_path_factory.mktemp("rated_reference")
     cfg = load_config(CurateConfig, RATED_CONFIG, [*RATED_OVERRIDES, f"output.dir={out}"])

@@ -40,7 +40,7 @@ def walk(node: Any) -> Iterator[tuple[str, Any]]:
 
 
 def config_class(module: str):
-    from pipelines.config import CurateConfig
+    from pipelines.runtime.config import CurateConfig
 
     if module in ("curate", "select"):
         return CurateConfig
@@ -62,7 +62,7 @@ def config_class(module: str):
 def check_entrypoint(command: str, where: str) -> tuple[str, Any]:
     """`python -m pipelines.X [--config FILE] [key=value ...]`: a real module, an existing config, and the
     whole command line parses into the pipeline's typed config."""
-    from pipelines.config import load_config
+    from pipelines.runtime.config import load_config
 
     args = shlex.split(command)
     i = args.index("-m")
@@ -101,7 +101,7 @@ def test_pipeline_config_loads_through_its_typed_config(path):
     text = " ".join(header)
     m = re.search(rf"python -m pipelines\.(\w+)\s+--config\s+pipelines/configs/{re.escape(path.name)}", text)
     assert m, f"{path.name} does not open with a comment showing how to run it"
-    from pipelines.config import load_config
+    from pipelines.runtime.config import load_config
 
     cfg = load_config(config_class(m.group(1)), path)
     if m.group(1) == "train_dpo":
@@ -167,7 +167,7 @@ def test_raycluster_head_is_cpu_and_private_gpu_groups_scale_from_zero():
         assert gpus >= 1 and int(c["resources"]["requests"]["nvidia.com/gpu"]) == gpus, name
         assert g["minReplicas"] == 0 and g["replicas"] == 0 and g["maxReplicas"] >= 1, name
     # Training wants all its GPUs in one pod (NCCL over NVLink), as train_gpu_template.yaml sizes it.
-    from pipelines.config import load_config
+    from pipelines.runtime.config import load_config
     from pipelines.train_dpo import TrainConfig
 
     train = load_config(TrainConfig, REPO / "pipelines/configs/train_gpu_template.yaml")

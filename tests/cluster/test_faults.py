@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from operators.base import Resources, map_batches_kwargs
-from pipelines.config import CurateConfig, from_dict, load_config, load_yaml
+from pipelines.runtime.config import CurateConfig, from_dict, load_config, load_yaml
 from tests.cluster.helpers import (
     PYTHON,
     RATED_CONFIG,
@@ -59,8 +59,7 @@ def test_restart_settings_reach_ray_data():
     from ray.data.context import DataContext
 
     from operators.generate import Generator
-    from operators.score import RewardScorer, scorer_resources
-    from pipelines.config import ScoreCfg
+    from operators.score import RewardScorer, ScoreCfg, scorer_resources
 
     ctx = DataContext.get_current()
     apply_defaults = ActorPoolMapOperator._apply_default_remote_args

@@ -16,8 +16,9 @@ from tests.cluster.helpers import PYTHON, REPO, child_env
 
 
 def test_trust_remote_code_is_off_by_default_everywhere():
+    from operators.generate import GenerateCfg
     from operators.reflogp import ReferenceLogProbs
-    from pipelines.config import GenerateCfg, ScoreCfg
+    from operators.score import ScoreCfg
     from pipelines.train_dpo import ModelCfg
 
     for cls in (GenerateCfg, ScoreCfg, ModelCfg):
@@ -30,7 +31,7 @@ def test_trust_remote_code_is_off_by_default_everywhere():
 
 
 def test_yaml_with_python_tags_is_refused(tmp_path):
-    from pipelines.config import ConfigError, load_yaml, parse_override
+    from pipelines.runtime.config import ConfigError, load_yaml, parse_override
 
     canary = tmp_path / "pwned"
     bad = tmp_path / "bad.yaml"
@@ -95,7 +96,7 @@ def test_missing_paths_fail_before_ray_starts(tmp_path):
     script = textwrap.dedent(f"""
         import ray
         from pipelines import curate
-        from pipelines.config import CurateConfig, load_config
+        from pipelines.runtime.config import CurateConfig, load_config
 
         cases = {{
             "input": ["input.path={tmp_path}/nope.jsonl.gz"],

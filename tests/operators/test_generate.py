@@ -17,6 +17,7 @@ import torch
 from operators.base import QUARANTINE, apply, check_columns
 from operators.generate import (
     OUTPUT_TYPES,
+    GenerateCfg,
     Generator,
     GumbelSampler,
     Request,
@@ -27,7 +28,6 @@ from operators.generate import (
     top_p_filter,
     trim_completion,
 )
-from pipelines.config import GenerateCfg
 
 K = 3
 PROMPTS = ["What is gravity?", "Write a haiku about rain", "Hi", "Give me three ideas for a short story"]

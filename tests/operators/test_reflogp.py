@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from operators.base import QUARANTINE, ColumnError, Resources, apply
+from operators.logprobs import encode_pairs, render_prompts
 from operators.reflogp import ReferenceLogProbs
-from pipelines.dpo_data import encode_pairs, render_prompts
 
 PROMPTS = ["What is gravity?", "Write a haiku about rain", "How do I sort a list?", "Tell me about prime numbers",
            "Summarize the water cycle", "Give me a healthy breakfast"]
@@ -24,7 +24,7 @@ def pairs_table(n: int = len(PROMPTS)) -> pa.Table:
 
 
 def naive_logp(model, tok, prompt: str, completion: str) -> tuple[float, int]:
-    """Unbatched, full logits, log_softmax + gather: nothing shared with pipelines.dpo_data but the template."""
+    """Unbatched, full logits, log_softmax + gather: nothing shared with operators.logprobs but the template."""
     text = render_prompts(tok, [prompt])[0]
     p_ids = tok(text, add_special_tokens=False).input_ids
     ids = tok(text + completion + tok.eos_token, add_special_tokens=False).input_ids

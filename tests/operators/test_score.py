@@ -10,7 +10,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from operators.base import QUARANTINE, apply
 from operators.score import (
+    RewardModelCfg,
     RewardScorer,
+    ScoreCfg,
     combine_aspects,
     length_buckets,
     model_aspects,
@@ -18,7 +20,6 @@ from operators.score import (
     scorer_resources,
     truncate_keep_end,
 )
-from pipelines.config import RewardModelCfg, ScoreCfg
 
 # Lengths differ a lot, so sorting by length reorders rows across micro-batches of 2.
 PROMPTS = ["What is gravity?", "Hi", "Write a long story about a cat", "Summarize the data", "x", "Why?"]

@@ -18,10 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operators.base import QUARANTINE, QUARANTINE_DETAIL, ColumnError
-from operators.read import InputError, read_input, validate_prompts
+from operators.base import QUARANTINE, QUARANTINE_DETAIL, ColumnError, InputError
+from operators.read import read_input, validate_prompts
 from pipelines import curate
-from pipelines.config import ConfigError, CurateConfig, check_model_dir, from_dict, load_config, load_yaml
+from pipelines.runtime.config import (
+    ConfigError,
+    CurateConfig,
+    check_model_dir,
+    from_dict,
+    load_config,
+    load_yaml,
+)
 
 
 def resp(text, overall, **scores):
@@ -374,8 +381,7 @@ def test_extra_columns_on_the_generation_path(gen_run):
 def test_a_response_far_past_the_reward_models_context_is_scored(tiny_models):
     """The reward model keeps the end of a long text (operators.score): 300k characters, far past its 2048
     positions, score like any other response instead of failing the batch."""
-    from operators.score import RewardScorer
-    from pipelines.config import RewardModelCfg, ScoreCfg
+    from operators.score import RewardModelCfg, RewardScorer, ScoreCfg
 
     scorer = RewardScorer(ScoreCfg(models=[RewardModelCfg(path=tiny_models["reward"])], max_length=64))
     batch = pa.table({"prompt_id": ["a", "b"], "sample_idx": [0, 0], "prompt": ["Tell me a story."] * 2,
@@ -497,7 +503,8 @@ def no_ray(monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("Ray was started before the model paths were checked")
 
-    from pipelines import evaluate, stages
+    from pipelines import evaluate
+    from pipelines.runtime import stages
 
     for module in (curate, evaluate, stages):  # train_dpo imports it from stages when main() runs
         monkeypatch.setattr(module, "init_ray", refuse)

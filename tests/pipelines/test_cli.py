@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.cli import main
+from pipelines.tools.cli import main
 from tests.pipelines.test_report import check_page, make_run
 
 REPO = Path(__file__).resolve().parents[2]

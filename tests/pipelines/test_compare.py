@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.compare import compare, jaccard, main, summarize, ties_at_cut
+from pipelines.reporting.compare import compare, jaccard, main, summarize, ties_at_cut
 from tests.pipelines.test_report import check_page, make_run
 
 RULES = ["pvar_top", "random", "margin_curriculum", "pd_consensus"]

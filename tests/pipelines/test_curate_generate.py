@@ -10,7 +10,7 @@ import pytest
 
 from operators.stats import pvar
 from pipelines import curate
-from pipelines.config import CurateConfig, from_dict, load_yaml
+from pipelines.runtime.config import CurateConfig, from_dict, load_yaml
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from pipelines import curate
 from pipelines import select as select_pipeline
-from pipelines.config import CurateConfig, load_config
+from pipelines.runtime.config import CurateConfig, load_config
 
 CONFIG = "pipelines/configs/real_rated.yaml"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines import evaluate
-from pipelines.config import from_dict
+from pipelines.runtime.config import from_dict
 
 
 def test_win_rate_ci_by_hand():

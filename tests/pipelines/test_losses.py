@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipelines.losses import LOSSES, Logps, combine, get_loss, route_mask
+from pipelines.training.losses import LOSSES, Logps, combine, get_loss, route_mask
 
 
 def softplus(x: float) -> float:  # -logsigmoid(-x)
@@ -143,8 +143,8 @@ def test_matches_trl_dpo_loss(policy_and_reference, tmp_path, loss_type):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from operators.logprobs import encode_pairs, pad_token_id, pair_logps, render_prompts
     from operators.reflogp import ReferenceLogProbs
-    from pipelines.dpo_data import encode_pairs, pad_token_id, pair_logps, render_prompts
 
     policy_path, ref_path = policy_and_reference
     tok = AutoTokenizer.from_pretrained(policy_path)

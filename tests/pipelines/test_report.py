@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from operators.select import Budget, RuleParams, select
-from pipelines.report import Pearson, cut_values, print_summary, write_report
+from pipelines.reporting.report import Pearson, cut_values, print_summary, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -189,7 +189,7 @@ def test_streaming_pearson_matches_numpy():
 
 def test_report_module_entry_point(tmp_path):
     run = make_run(tmp_path / "run", train=False)
-    res = subprocess.run([sys.executable, "-m", "pipelines.report", str(run)],
+    res = subprocess.run([sys.executable, "-m", "pipelines.reporting.report", str(run)],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == str(run / "report" / "index.html")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from pipelines.tiny_models import CHAT_TEMPLATE, MARKER, build_tiny_models, main
+from pipelines.tools.tiny_models import CHAT_TEMPLATE, MARKER, build_tiny_models, main
 
 NAMES = {"policy", "reward", "reward_multi", "reward_helpfulness", "reward_correctness"}
 

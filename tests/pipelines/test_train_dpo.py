@@ -17,9 +17,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import ConfigError, apply_overrides, from_dict, load_config
+from pipelines.runtime.config import ConfigError, apply_overrides, from_dict, load_config
 from pipelines.train_dpo import TrainConfig, cli, main, validate
-from pipelines.train_utils import LocalSchedule, curriculum_positions, curriculum_rows
+from pipelines.training.batches import LocalSchedule
+from pipelines.training.placement import curriculum_positions, curriculum_rows
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 N_PAIRS, WORKERS, BATCH, ACCUM = 32, 2, 4, 2

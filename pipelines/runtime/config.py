@@ -20,6 +20,9 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
+from operators.generate import GenerateCfg
+from operators.score import ScoreCfg
+
 
 class ConfigError(ValueError):
     """A config problem, always naming the key."""
@@ -55,61 +58,6 @@ class InputCfg:
 @dataclass(frozen=True)
 class OutputCfg:
     dir: str = "runs/prefsift"
-
-
-@dataclass(frozen=True)
-class GenerateCfg:
-    backend: Literal["hf", "vllm"] = "hf"
-    model: str = ""
-    num_samples: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 64
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int = 2048
-    # Prompts per map_batches call; each yields num_samples rows. null: 16 for hf, 256 for vllm, whose
-    # continuous batching drains at the end of every call (README, Performance: generation).
-    batch_size: int | None = None
-    concurrency: int = 1
-    num_cpus: float = 1.0
-    num_gpus_per_worker: float = 0.0  # hf backend only; vllm derives GPUs from the parallel sizes
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    trust_remote_code: bool = False
-    max_restarts: int | None = None  # null: Ray Data's default, unlimited actor restarts with batch retries
-
-    def prompts_per_call(self) -> int:
-        """`batch_size`, or the backend's default. vLLM batches continuously only while requests are queued
-        and each call ends by draining its batch, so it gets many prompts a call: on the CPU benchmark
-        (200 prompts x 4) 64 prompts a call reached 0.82 of raw `LLM.generate` and one call of 200 1.02.
-        HF `generate` pads a call's sequences to one length, so it gets few."""
-        return self.batch_size or (256 if self.backend == "vllm" else 16)
-
-
-@dataclass(frozen=True)
-class RewardModelCfg:
-    path: str = ""
-    # Names for a multi-head model's outputs; null reads them from config.id2label. A 1-head model with one
-    # aspect name scores that aspect (several single-aspect models then make a multi-aspect scorer).
-    aspects: list[str] | None = None
-
-
-@dataclass(frozen=True)
-class ScoreCfg:
-    models: list[RewardModelCfg] = field(default_factory=list)
-    # How `reward` is formed from aspects: `mean` of all aspects, or the name of one aspect.
-    overall: str = "mean"
-    batch_size: int = 64  # rows per map_batches call
-    micro_batch_size: int = 16  # rows per forward pass, after sorting by length
-    max_length: int = 1024
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    concurrency: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    trust_remote_code: bool = False
-    max_restarts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -405,7 +353,7 @@ def cli(cls: type[T], main, doc: str | None, argv: list[str], finish=None) -> in
         return 2
     main(cfg)
     if finish is not None:
-        from pipelines.report import print_summary, write_report
+        from pipelines.reporting.report import print_summary, write_report
 
         run_dir = finish(cfg)
         path = write_report(run_dir)

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL
-from pipelines.manifest import SUCCESS, RunDir, StageRecord
+from pipelines.runtime.manifest import SUCCESS, RunDir, StageRecord
 
 log = logging.getLogger("prefsift")
 

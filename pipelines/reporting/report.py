@@ -1,6 +1,6 @@
 """The run report: a static `report/index.html` with PNG plots, written into the run folder.
 
-    python -m pipelines.report runs/demo        # (re)writes runs/demo/report/index.html and prints its path
+    python -m pipelines.reporting.report runs/demo        # (re)writes runs/demo/report/index.html and prints its path
 
 A curator decides from pictures: the PVar, margin and PD distributions with the cut the selection made,
 what it kept from each source, whether reward tracks length, the row accounting of every stage, and the
@@ -25,7 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from matplotlib.figure import Figure  # the OO API renders with Agg and leaves pyplot's global state alone
 
-from pipelines.manifest import RunDir
+from pipelines.runtime.manifest import RunDir
 
 REPORT_DIR = "report"
 MAX_POINTS = 20_000  # scatter points: enough to see the shape, small enough for a < 1 MB PNG

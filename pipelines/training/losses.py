@@ -16,27 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class Logps(NamedTuple):
-    chosen: Tensor  # (B,) summed log-prob of the chosen completion tokens (response + eos)
-    rejected: Tensor  # (B,)
-    chosen_tokens: Tensor  # (B,) number of completion tokens, after truncation
-    rejected_tokens: Tensor  # (B,)
-
-    @property
-    def chosen_mean(self) -> Tensor:
-        return self.chosen / self.chosen_tokens.clamp(min=1)
-
-    @property
-    def rejected_mean(self) -> Tensor:
-        return self.rejected / self.rejected_tokens.clamp(min=1)
-
+from operators.logprobs import Logps
 
 Metrics = dict[str, Tensor]
 LossOut = tuple[Tensor, Metrics]

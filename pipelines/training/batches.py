@@ -1,0 +1,94 @@
+"""A rank's training rows, tokenized once, and which of them each (step, micro-batch) uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A rank's pairs, tokenized once, with what the loss needs per row."""
+
+    examples: list[dict[str, list[int]]]
+    is_sft: torch.Tensor
+    ref_chosen: torch.Tensor | None
+    ref_rejected: torch.Tensor | None
+    ids: list[str]
+    pos: list[int | None]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.examples)
+
+    @classmethod
+    def build(cls, rows: pa.Table, tokenizer: Any, max_length: int | None) -> LocalData:
+        from operators.logprobs import completion_lengths, encode_pairs
+        from pipelines.training.losses import route_mask
+
+        cols = set(rows.column_names)
+        examples = encode_pairs(tokenizer, *(rows.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")))
+        if "chosen_tokens" in cols:  # the reference stage must have tokenized exactly as we do
+            ours = [completion_lengths(e, max_length) for e in examples]
+            theirs = list(zip(rows.column("chosen_tokens").to_pylist(), rows.column("rejected_tokens").to_pylist(),
+                              strict=True))
+            if ours != theirs:
+                raise RuntimeError("the reference log-probs were computed with another tokenization (tokenizer "
+                                   "or input.max_length changed); delete pairs_ref/ and rerun")
+
+        def floats(name: str) -> torch.Tensor | None:
+            if name not in cols:
+                return None
+            return torch.tensor(rows.column(name).to_numpy(zero_copy_only=False), dtype=torch.float64)
+
+        has_ref = {"ref_chosen_logp", "ref_rejected_logp"} <= cols
+        return cls(
+            examples=examples,
+            is_sft=route_mask(route_column(rows)),
+            ref_chosen=floats("ref_chosen_logp") if has_ref else None,
+            ref_rejected=floats("ref_rejected_logp") if has_ref else None,
+            ids=row_ids(rows),
+            pos=rows.column("_pos").to_pylist() if "_pos" in cols else [None] * rows.num_rows,
+        )
+
+@dataclass(frozen=True)
+class LocalSchedule:
+    """Local row indices for (step, micro-batch). Curriculum rows are already in order; others are cycled
+    through a fresh seeded permutation per local epoch."""
+
+    n_rows: int
+    micro_batch: int
+    grad_accum: int
+    curriculum: bool
+    seed: int = 0
+    rank: int = 0
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    def indices(self, step: int, micro: int) -> np.ndarray:
+        per = self.rows_per_step
+        if self.curriculum:
+            steps_per_epoch = self.n_rows // per
+            start = (step % steps_per_epoch) * per + micro * self.micro_batch
+            return np.arange(start, start + self.micro_batch)
+        k = step * per + micro * self.micro_batch + np.arange(self.micro_batch)
+        epoch, within = k // self.n_rows, k % self.n_rows
+        out = np.empty_like(k)
+        for e in np.unique(epoch):
+            perm = np.random.default_rng([self.seed, self.rank, int(e)]).permutation(self.n_rows)
+            out[epoch == e] = perm[within[epoch == e]]
+        return out
+
+def route_column(table: pa.Table) -> list[str | None]:
+    return table.column("route").to_pylist() if "route" in table.column_names else [None] * table.num_rows
+
+def row_ids(table: pa.Table) -> list[str]:
+    if "prompt_id" in table.column_names:
+        return [str(x) for x in table.column("prompt_id").to_pylist()]
+    return [str(i) for i in range(table.num_rows)]

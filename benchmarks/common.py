@@ -357,7 +357,7 @@ def add_model_args(ap, shape_help: str = "tiny | qwen2-0.5b (benchmarks/models.p
 
 def init_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> float:
     """The pipeline's own local Ray start (pipelines.runtime.stages.init_ray); returns its seconds."""
-    from pipelines.runtime.stages import init_ray
+    from pipelines.runtime.ray_start import init_ray
 
     t0 = time.perf_counter()
     init_ray(num_cpus=num_cpus, object_store_gb=object_store_gb, progress=False)

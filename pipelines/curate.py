@@ -29,8 +29,10 @@ from operators.read import (
 )
 from operators.stats import StatsParams, aspect_names, carry_columns, compute_norms, grouped_stats
 from pipelines.runtime.config import ConfigError, CurateConfig, fingerprint, model_path, resolve_path, to_dict
+from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
-from pipelines.runtime.stages import column_sums, init_ray, read_stage, run_stage, say
+from pipelines.runtime.ray_start import init_ray
+from pipelines.runtime.stages import column_sums, read_stage, run_stage
 from pipelines.select import run_selection
 
 PARTITION_BYTES = 64 << 20  # parquet bytes of input per hash partition (~2-3x that in memory)

@@ -30,8 +30,10 @@ from pipelines.runtime.config import (
     resolve_path,
     to_dict,
 )
+from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
-from pipelines.runtime.stages import init_ray, read_stage, run_stage, say
+from pipelines.runtime.ray_start import init_ray
+from pipelines.runtime.stages import read_stage, run_stage
 
 
 @dataclass(frozen=True)

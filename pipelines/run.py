@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pipelines import curate, evaluate, train_dpo
 from pipelines.evaluate import EvaluateConfig
 from pipelines.runtime.config import CurateConfig
-from pipelines.runtime.stages import say
+from pipelines.runtime.console import say
 from pipelines.train_dpo import TrainConfig
 
 

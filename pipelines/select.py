@@ -14,8 +14,9 @@ import pyarrow as pa
 from operators.pairs import build_pairs, join_selection, keep_selected
 from operators.select import SELECT_COLUMNS, Budget, RuleParams, select
 from pipelines.runtime.config import CurateConfig, SelectCfg, fingerprint, to_dict
+from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
-from pipelines.runtime.stages import column_sums, read_stage, run_stage, say
+from pipelines.runtime.stages import column_sums, read_stage, run_stage
 
 
 def key_columns(run: RunDir, cfg: SelectCfg) -> pa.Table:
@@ -61,7 +62,7 @@ def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str) -> dict:
 
 
 def main(cfg: CurateConfig) -> dict:
-    from pipelines.runtime.stages import init_ray
+    from pipelines.runtime.ray_start import init_ray
 
     local = "://" not in cfg.output.dir
     if local and not os.path.exists(os.path.join(cfg.output.dir, "stats", "_SUCCESS")):

@@ -153,8 +153,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
 
     from operators.base import Resources, apply, check_columns
     from operators.reflogp import ReferenceLogProbs
+    from pipelines.runtime.console import say
     from pipelines.runtime.manifest import RunDir
-    from pipelines.runtime.stages import init_ray, read_stage, run_stage, say
+    from pipelines.runtime.ray_start import init_ray
+    from pipelines.runtime.stages import read_stage, run_stage
     from pipelines.training.placement import input_stamp, locate_pairs, order_values
 
     # --- setup: validate, start Ray, read the pairs -----------------------------------------------------

@@ -32,7 +32,7 @@ def ray_local():
     """2 CPUs, a small object store: the shape of the CI machine."""
     import ray
 
-    from pipelines.runtime.stages import init_ray
+    from pipelines.runtime.ray_start import init_ray
 
     init_ray(num_cpus=2, object_store_gb=1.0, progress=False)
     yield ray

@@ -15,8 +15,9 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from matplotlib.figure import Figure  # the OO API renders with Agg and leaves pyplot's global state alone
 
+from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
 
 REPORT_DIR = "report"
@@ -38,6 +40,7 @@ TRAIN_PANELS = (("loss", ("loss",)), ("reward accuracy", ("rewards/accuracy", "r
                 ("reward margin", ("rewards/margin", "reward_margin", "margin")), ("lr", ("lr",)),
                 ("grad norm", ("grad_norm",)), ("sft fraction", ("sft_fraction",)))
 ALL, SEL, CUT = "#9aa5b1", "#1f6feb", "#d1242f"
+T = TypeVar("T")
 
 
 def open_run(run_dir: str | Path) -> RunDir:
@@ -60,6 +63,41 @@ def values(table: pa.Table, col: str) -> np.ndarray:
     if col not in table.column_names:
         return np.full(table.num_rows, np.nan)
     return pc.cast(table.column(col), pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def plotted(table: pa.Table, col: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """A column's values, the mask of those a plot draws, and how many non-finite values it leaves out.
+    Nulls (a statistic that does not apply, such as pd without aspects) are not counted; inf and NaN are
+    data gone wrong upstream, which a plot leaves out with a note instead of handing them to matplotlib."""
+    x = values(table, col)
+    ok = np.isfinite(x)
+    nulls = table.column(col).null_count if col in table.column_names else x.size
+    return x, ok, int((~ok).sum()) - nulls
+
+
+def note_dropped(notes: list[str], plot: str, col: str, bad: int) -> None:
+    if bad:
+        notes.append(f"{plot}: {bad} non-finite {col} value(s) (inf or NaN) left out of the plot.")
+
+
+def check_span(x: np.ndarray, col: str) -> None:
+    """Finite values can still span more than a float64 holds (1e308 and -1e308); bins and axis ticks over
+    that span overflow inside numpy or matplotlib with a message that names neither the column nor why."""
+    if x.size and not np.isfinite(float(x.max()) - float(x.min())):
+        raise ValueError(f"{col} spans {x.min():.4g} to {x.max():.4g}, wider than a float64 can hold")
+
+
+def isolated(name: str, part: Callable[[], T], notes: list[str]) -> T | None:
+    """Make one part of the page (a plot, or the table the plots read) on its own: a part that fails leaves
+    a warning and a note naming it and the cause, and the rest of the page is still written. The report
+    comes after the data stages, so it must never fail a run whose stages completed."""
+    try:
+        return part()
+    except Exception as e:  # any plot bug or data surprise: the rest of the page and the summary matter more
+        cause = f"{type(e).__name__}: {e}"
+        say(f"warning: report: {name} failed and is left out ({cause})")
+        notes.append(f"{name} failed and is left out: {cause}")
+        return None
 
 
 def select_cfg(manifest: dict[str, Any], rule: str | None) -> dict[str, Any]:
@@ -118,11 +156,13 @@ def cut_values(x: np.ndarray, selected: np.ndarray, col: str, rule: str | None,
                                                                            else (side,))]
 
 
-def plot_hist(stats: pa.Table, col: str, rule: str | None, sc: dict[str, Any], out: Path) -> str | None:
-    x = values(stats, col)
-    ok = np.isfinite(x)
+def plot_hist(stats: pa.Table, col: str, rule: str | None, sc: dict[str, Any], out: Path,
+              notes: list[str]) -> str | None:
+    x, ok, bad = plotted(stats, col)
+    note_dropped(notes, f"{col}_hist", col, bad)
     if not ok.any():
         return None
+    check_span(x[ok], col)
     sel = values(stats, "selected") > 0 if "selected" in stats.column_names else np.zeros(x.size, bool)
     fig = Figure(figsize=(5.3, 3.4))  # two side by side in the page's 1100 px
     ax = fig.add_subplot()
@@ -198,7 +238,7 @@ class Pearson:
         return self.sxy / np.sqrt(self.sxx * self.syy) if self.sxx > 0 and self.syy > 0 else float("nan")
 
 
-def plot_length(run: RunDir, stats: pa.Table | None, out: Path, seed: int = 0) -> str | None:
+def plot_length(run: RunDir, stats: pa.Table | None, out: Path, notes: list[str], seed: int = 0) -> str | None:
     if not run.exists("scored"):
         return None
     ds = pads.dataset(run.path("scored"), filesystem=run.fs, format="parquet")
@@ -207,19 +247,26 @@ def plot_length(run: RunDir, stats: pa.Table | None, out: Path, seed: int = 0) -
     total = ds.count_rows()
     keep = min(1.0, MAX_POINTS / max(total, 1))
     rng = np.random.default_rng(seed)
-    corr, xs, ys = Pearson(), [], []
+    corr, xs, ys, bad = Pearson(), [], [], {"response_len": 0, "reward": 0}
     for batch in ds.to_batches(columns=["response_len", "reward"], batch_size=65_536):
         t = pa.Table.from_batches([batch])
-        x, y = values(t, "response_len"), values(t, "reward")
-        ok = np.isfinite(x) & np.isfinite(y)
-        x, y = x[ok], y[ok]
+        x, x_ok, x_bad = plotted(t, "response_len")
+        y, y_ok, y_bad = plotted(t, "reward")
+        bad["response_len"] += x_bad
+        bad["reward"] += y_bad
+        x, y = x[x_ok & y_ok], y[x_ok & y_ok]
+        check_span(y, "reward")  # before the running sums, which would overflow on such a batch
         corr.add(x, y)
         pick = rng.random(x.size) < keep
         xs.append(x[pick])
         ys.append(y[pick])
     x, y = (np.concatenate(xs), np.concatenate(ys)) if xs else (np.array([]), np.array([]))
+    for col, n in bad.items():
+        note_dropped(notes, "reward_vs_length", col, n)
     if not x.size:
         return None
+    check_span(x, "response_len")
+    check_span(y, "reward")
     per_prompt = values(stats, "len_corr") if stats is not None else np.array([np.nan])
     mean_pp = float(np.nanmean(per_prompt)) if np.isfinite(per_prompt).any() else float("nan")
     fig = Figure(figsize=(6.4, 4.0))
@@ -355,25 +402,27 @@ def write_report(run_dir: str | Path) -> Path | str:
     manifest = run.manifest
     out = staging_dir(run, REPORT_DIR)
 
+    notes: list[str] = []
     stage = "selection" if run.exists("selection") else "stats"
-    stats = read_columns(run, stage, ["prompt_id", "source", "pvar", "margin", "pd", "len_corr", "selected",
-                                      "selector", "route"])
+    stats = isolated(f"reading {stage}/", lambda: read_columns(
+        run, stage, ["prompt_id", "source", "pvar", "margin", "pd", "len_corr", "selected", "selector", "route"]),
+        notes)
     rule = None
     if stats is not None and "selector" in stats.column_names and stats.num_rows:
         rule = stats.column("selector")[0].as_py()
     sc = select_cfg(manifest, rule)
-    notes: list[str] = []
     images: dict[str, str | None] = {}
     if stats is None:
-        notes.append("No stats/ stage yet: statistics plots are left out.")
+        notes.append("No readable stats/ stage: statistics plots are left out.")
     else:
         for col in ("pvar", "margin", "pd"):
-            images[f"{col}_hist"] = plot_hist(stats, col, rule, sc, out)
-        if images.get("pd_hist") is None:
+            images[f"{col}_hist"] = isolated(f"the {col}_hist plot",
+                                             lambda c=col: plot_hist(stats, c, rule, sc, out, notes), notes)
+        if "pd" not in stats.column_names or stats.column("pd").null_count == stats.num_rows:
             notes.append("pd is empty: the scores have one aspect, so there is no preference divergence.")
-        images["sources"] = plot_sources(stats, out)
-    images["length"] = plot_length(run, stats, out)
-    images["training"] = plot_training(read_metrics(run), out)
+        images["sources"] = isolated("the sources plot", lambda: plot_sources(stats, out), notes)
+    images["length"] = isolated("the reward_vs_length plot", lambda: plot_length(run, stats, out, notes), notes)
+    images["training"] = isolated("the training plot", lambda: plot_training(read_metrics(run), out), notes)
 
     n_sel = int(pc.sum(stats.column("selected")).as_py() or 0) if stats is not None and "selected" in \
         stats.column_names else None

@@ -195,6 +195,54 @@ def test_report_module_entry_point(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == str(run / "report" / "index.html")
 
 
+def overwrite_head(run: Path, stage: str, col: str, head: list[float]) -> None:
+    """Replace the first values of a column in every shard of a stage, as a buggy upstream would write them."""
+    for shard in sorted((run / stage).glob("*.parquet")):
+        t = pq.read_table(shard)
+        x = t.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
+        x[:len(head)] = head
+        pq.write_table(t.set_column(t.column_names.index(col), col, pa.array(x)), shard)
+
+
+def test_infinite_values_are_left_out_with_a_note(tmp_path):
+    """A prompt rated 1e308, -1e308, 0 had margin = inf in stats/: the plots drop it and say so."""
+    run = make_run(tmp_path / "run", train=False)
+    for stage in ("stats", "selection"):
+        overwrite_head(run, stage, "margin", [np.inf, np.inf])
+        overwrite_head(run, stage, "pvar", [np.nan])  # NaN (not null) is as wrong as inf
+    overwrite_head(run, "scored", "reward", [-np.inf])  # one per shard, two in all
+    page = write_report(run)
+    assert {"pvar_hist.png", "margin_hist.png", "reward_vs_length.png"} <= set(check_page(page))
+    text = page.read_text()
+    assert "margin_hist: 2 non-finite margin value(s) (inf or NaN) left out of the plot." in text
+    assert "pvar_hist: 1 non-finite pvar value(s)" in text
+    assert "reward_vs_length: 2 non-finite reward value(s)" in text
+    assert "failed" not in text
+
+
+def test_a_failing_plot_leaves_the_rest_of_the_report(tmp_path):
+    """Huge but finite values (a 1e308 - (-1e308) span overflows float64) crashed matplotlib after every data
+    stage had completed, and the run exited 1. Now that plot is left out with a warning naming it and the
+    cause; the other plots, the page, the summary table and exit code 0 remain."""
+    run = make_run(tmp_path / "run")
+    for stage in ("stats", "selection"):
+        overwrite_head(run, stage, "margin", [1e308, -1e308, np.inf])
+    overwrite_head(run, "scored", "reward", [1e308, -1e308])
+    res = subprocess.run([sys.executable, "-m", "pipelines.reporting.report", str(run), "--summary"],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr
+    page = run / "report" / "index.html"
+    assert res.stdout.strip().splitlines()[-1] == str(page)
+    assert res.stdout.splitlines()[0].split() == ["stage", "in", "out", "quarantined", "seconds", "ok"]
+    for plot, col in (("margin_hist", "margin"), ("reward_vs_length", "reward")):
+        assert re.search(rf"warning: report: the {plot} plot failed .*ValueError: {col} spans -1e\+308 to "
+                         r"1e\+308, wider than a float64 can hold", res.stderr), res.stderr
+        assert f"the {plot} plot failed and is left out: ValueError: {col} spans" in page.read_text()
+    assert set(check_page(page)) == {"pvar_hist.png", "pd_hist.png", "sources.png", "training.png"}
+    assert "margin_hist: 1 non-finite margin value(s)" in page.read_text()
+    assert "<td>stats</td>" in page.read_text()  # the stage table is still there
+
+
 def test_not_a_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         write_report(tmp_path / "nothing")

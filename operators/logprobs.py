@@ -8,8 +8,14 @@ The recipe mirrors TRL 1.16's DPOTrainer for non-conversational data, so losses 
   `add_generation_prompt=True`; the completion is the response + eos (added when missing, as TRL's `add_eos`);
 - `prompt` and `prompt + completion` are tokenized separately, and the completion starts where the two token
   sequences diverge (TRL's `common_prefix_length`, which handles merges across the boundary);
-- sequences are truncated to `max_length` from the end (TRL's `keep_start`), then right-padded with chosen
-  rows first and rejected rows after (TRL's `DataCollatorForPreference`).
+- with `max_prompt_length`, the prompt keeps its LAST tokens (`prompt_ids[-max_prompt_length:]`, as TRL's
+  `tokenize_row` and the MixDPO authors' `scripts/dpo_trainer.py`): the question sits at the end of a long
+  prompt, next to the completion;
+- sequences are then truncated to `max_length` from the end (TRL's `keep_start`), which only ever cuts the
+  completion once the prompt is capped below `max_length`; then right-padded with chosen rows first and
+  rejected rows after (TRL's `DataCollatorForPreference`).
+A pair whose prompt alone fills `max_length` has no completion token left: the reference stage quarantines it
+(`prompt_exceeds_max_length`) and the training loop refuses it (`completion_lengths` says 0).
 Deliberate differences: we tokenize with `add_special_tokens=False`, because the chat template already
 renders the special tokens (TRL's plain-string path would add a BOS twice for tokenizers that add one); and
 conversational pairs (message lists, as curation emits for `messages` input) keep the same completion =
@@ -67,8 +73,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def encode_pairs(tokenizer: Any, prompts: Sequence[Any], chosen: Sequence[Any],
-                 rejected: Sequence[Any]) -> list[dict[str, list[int]]]:
-    """Token ids per pair: `prompt_ids`, `chosen_ids`, `rejected_ids` (completions include the eos)."""
+                 rejected: Sequence[Any], max_prompt_length: int | None = None) -> list[dict[str, list[int]]]:
+    """Token ids per pair: `prompt_ids`, `chosen_ids`, `rejected_ids` (completions include the eos).
+
+    `max_prompt_length` left-truncates the prompt ids after the prompt/completion boundary is found, so the
+    completions are the same tokens whatever the cap."""
     eos = tokenizer.eos_token
     texts = render_prompts(tokenizer, prompts)
     chosen = [c if c.endswith(eos) else c + eos for c in map(completion_text, chosen)]
@@ -80,8 +89,14 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[Any], chosen: Sequence[Any],
     for i in range(n):
         p, pc, pr = enc[i], enc[n + i], enc[2 * n + i]
         cut = min(_common_prefix(p, pc), _common_prefix(p, pr))
-        out.append({"prompt_ids": p[:cut], "chosen_ids": pc[cut:], "rejected_ids": pr[cut:]})
+        out.append({"prompt_ids": prompt_tail(p[:cut], max_prompt_length), "chosen_ids": pc[cut:],
+                    "rejected_ids": pr[cut:]})
     return out
+
+
+def prompt_tail(ids: list[int], limit: int | None) -> list[int]:
+    """The last `limit` ids (all of them when limit is None)."""
+    return ids[-limit:] if limit and len(ids) > limit else ids
 
 
 def completion_lengths(example: dict[str, list[int]], max_length: int | None) -> tuple[int, int]:

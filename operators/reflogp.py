@@ -4,8 +4,9 @@ For each pair: the summed log-prob of the chosen and of the rejected completion 
 reference model, and the completion token counts, with exactly the tokenization and log-prob code the
 training loop uses (`operators.logprobs`). Rows that cannot be scored are quarantined with a reason:
 - `null_text`: prompt, chosen or rejected is null;
-- `prompt_exceeds_max_length`: the rendered prompt alone fills `max_length`, so truncation would leave no
-  completion token (TRL drops these rows too).
+- `prompt_exceeds_max_length`: the rendered prompt alone (after `max_prompt_length` keeps its end) fills
+  `max_length`, so truncation would leave no completion token (TRL drops these rows too). With
+  `max_prompt_length < max_length`, as the MixDPO authors run (512 of 1024), no row can hit this.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class ReferenceLogProbs(Operator):
     adds: ClassVar[tuple[str, ...]] = ("ref_chosen_logp", "ref_rejected_logp", "chosen_tokens", "rejected_tokens")
 
     def __init__(self, model: str, max_length: int | None = 1024, micro_batch_size: int = 8,
-                 dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None):
+                 dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None,
+                 max_prompt_length: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,6 +39,7 @@ class ReferenceLogProbs(Operator):
             model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         ).to(self.device).eval()
         self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
         self.micro_batch_size = micro_batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -50,7 +53,8 @@ class ReferenceLogProbs(Operator):
         ok = [i for i in range(n) if all(cols[c][i] is not None for c in cols)]
         for i in set(range(n)) - set(ok):
             reasons[i] = "null_text"
-        encoded = encode_pairs(self.tokenizer, *[[cols[c][i] for i in ok] for c in ("prompt", "chosen", "rejected")])
+        encoded = encode_pairs(self.tokenizer, *[[cols[c][i] for i in ok] for c in ("prompt", "chosen", "rejected")],
+                               max_prompt_length=self.max_prompt_length)
         examples: dict[int, dict[str, list[int]]] = {}
         for i, ex in zip(ok, encoded, strict=True):
             if min(completion_lengths(ex, self.max_length)) == 0:

@@ -36,6 +36,9 @@ from pipelines.training.losses import LOSSES, get_loss
 class TrainInputCfg:
     path: str = ""  # a curation run folder (its pairs/ is read) or a folder of pairs parquet shards
     max_length: int | None = 1024  # prompt + completion tokens; longer sequences lose their end (TRL keep_start)
+    # Prompt tokens kept, from the prompt's END (the MixDPO authors: 512 of max_length 1024); null keeps the
+    # whole prompt, and a pair whose prompt alone fills max_length is quarantined by the reference stage.
+    max_prompt_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,12 @@ def validate(cfg: TrainConfig) -> None:
         ("loss.beta", cfg.loss.beta > 0, "must be > 0"),
         ("loss.label_smoothing", 0 <= cfg.loss.label_smoothing < 0.5, "must be in [0, 0.5)"),
         ("input.max_length", cfg.input.max_length is None or cfg.input.max_length > 1, "must be > 1 or null"),
+        ("input.max_prompt_length", cfg.input.max_prompt_length is None or cfg.input.max_prompt_length > 0,
+         "must be > 0 or null"),
+        ("input.max_prompt_length",
+         None in (cfg.input.max_length, cfg.input.max_prompt_length)
+         or cfg.input.max_prompt_length < cfg.input.max_length,
+         "must be below input.max_length, so that every pair keeps completion tokens"),
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
         ("optim.max_steps", cfg.optim.max_steps is None or cfg.optim.max_steps > 0, "must be > 0 or null"),
         ("optim.epochs", cfg.optim.epochs > 0, "must be > 0"),
@@ -180,11 +189,14 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     have_ref = {"ref_chosen_logp", "ref_rejected_logp"} <= set(ds.schema().names)
     if loss_fn.needs_reference and not have_ref:
         rc = cfg.reference
-        fp = fingerprint(rc, ref_model, cfg.input.max_length, input_stamp(pairs))
+        # max_prompt_length joins the fingerprint only when set, so existing pairs_ref/ folders stay valid.
+        lengths = [cfg.input.max_length] + ([cfg.input.max_prompt_length] if cfg.input.max_prompt_length else [])
+        fp = fingerprint(rc, ref_model, *lengths, input_stamp(pairs))
         res = Resources(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, concurrency=rc.concurrency,
                         batch_size=rc.batch_size)
         run_stage(run, "pairs_ref", fp, lambda: apply(
             ds, ReferenceLogProbs, res, model=ref_model, max_length=cfg.input.max_length,
+            max_prompt_length=cfg.input.max_prompt_length,
             micro_batch_size=rc.micro_batch_size, dtype=rc.dtype,
             trust_remote_code=cfg.model.trust_remote_code), rows_in=None)
         ds = read_stage(run, "pairs_ref")
@@ -314,7 +326,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     global_batch = world * oc.per_device_batch_size * oc.grad_accum
     batches = ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=4096)
     rows = local_rows(batches, ray.get(config["positions"]) if curriculum else None, rank, world, global_batch)
-    data = LocalData.build(rows, tokenizer, cfg.input.max_length)
+    data = LocalData.build(rows, tokenizer, cfg.input.max_length, cfg.input.max_prompt_length)
     sched = LocalSchedule(data.n_rows, oc.per_device_batch_size, oc.grad_accum, curriculum,
                              seed=cfg.run.seed, rank=rank)
     if data.n_rows < sched.rows_per_step:

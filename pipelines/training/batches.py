@@ -26,14 +26,26 @@ class LocalData:
         return len(self.examples)
 
     @classmethod
-    def build(cls, rows: pa.Table, tokenizer: Any, max_length: int | None) -> LocalData:
+    def build(cls, rows: pa.Table, tokenizer: Any, max_length: int | None,
+              max_prompt_length: int | None = None) -> LocalData:
         from operators.logprobs import completion_lengths, encode_pairs
         from pipelines.training.losses import route_mask
 
         cols = set(rows.column_names)
-        examples = encode_pairs(tokenizer, *(rows.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")))
+        examples = encode_pairs(tokenizer, *(rows.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")),
+                                max_prompt_length=max_prompt_length)
+        ours = [completion_lengths(e, max_length) for e in examples]
+        empty = [i for i, lengths in enumerate(ours) if min(lengths) == 0]
+        if empty:
+            # The reference stage quarantines these; they get here when the input brought its own reference
+            # columns or the loss needs none. Training them would silently give a zero (SFT) or meaningless
+            # (DPO) loss.
+            ids = row_ids(rows)
+            raise ValueError(f"{len(empty)} pairs (e.g. {ids[empty[0]]!r}) have a prompt that fills "
+                             f"input.max_length={max_length} tokens, leaving no completion token; set "
+                             "input.max_prompt_length below input.max_length (it keeps the prompt's end) or drop "
+                             "these pairs")
         if "chosen_tokens" in cols:  # the reference stage must have tokenized exactly as we do
-            ours = [completion_lengths(e, max_length) for e in examples]
             theirs = list(zip(rows.column("chosen_tokens").to_pylist(), rows.column("rejected_tokens").to_pylist(),
                               strict=True))
             if ours != theirs:

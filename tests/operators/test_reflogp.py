@@ -98,3 +98,54 @@ def test_ray_stage_over_sharded_pairs(ray_local, tiny_models, op, tmp_path):
 
     with pytest.raises(ColumnError, match="'rejected'"):
         apply(ds.drop_columns(["rejected"]), ReferenceLogProbs, res, model=tiny_models["policy"])
+
+
+def test_prompt_keeps_its_end_and_max_length_cuts_the_completion():
+    from operators.logprobs import collate, completion_lengths, prompt_tail
+
+    assert prompt_tail([1, 2, 3, 4, 5], 3) == [3, 4, 5]
+    assert prompt_tail([1, 2], 3) == [1, 2] and prompt_tail([1, 2, 3], None) == [1, 2, 3]
+    # prompt 3 ids, chosen 5, rejected 2; max_length 6 leaves 3 completion tokens for chosen, 2 for rejected.
+    ex = {"prompt_ids": [7, 8, 9], "chosen_ids": [1, 2, 3, 4, 5], "rejected_ids": [6, 2]}
+    assert completion_lengths(ex, 6) == (3, 2)
+    assert completion_lengths(ex, 3) == (0, 0)  # the prompt alone fills max_length
+    assert completion_lengths(ex, None) == (5, 2)
+    b = collate([ex], pad_id=0, max_length=6)
+    assert b["input_ids"].tolist() == [[7, 8, 9, 1, 2, 3], [7, 8, 9, 6, 2, 0]]
+    assert b["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]
+
+
+def test_encode_pairs_max_prompt_length_keeps_the_prompt_end(op):
+    tok = op.tokenizer
+    full = encode_pairs(tok, PROMPTS[:2], CHOSEN[:2], REJECTED[:2])
+    cut = encode_pairs(tok, PROMPTS[:2], CHOSEN[:2], REJECTED[:2], max_prompt_length=5)
+    for f, c in zip(full, cut, strict=True):
+        assert len(f["prompt_ids"]) > 5
+        assert c["prompt_ids"] == f["prompt_ids"][-5:]  # the end: the generation prompt next to the answer
+        assert c["chosen_ids"] == f["chosen_ids"] and c["rejected_ids"] == f["rejected_ids"]
+
+
+def test_long_prompt_is_cut_to_its_end_instead_of_quarantined(tiny_models):
+    """The row the plain max_length quarantines is scored on the prompt's last 16 tokens plus up to 16
+    completion tokens; the value matches an unbatched forward pass over exactly those ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    long_prompt = "word " * 60 + "what is rain?"
+    table = pa.table({"prompt": [long_prompt, PROMPTS[0]], "chosen": [CHOSEN[1] * 3, CHOSEN[0]],
+                      "rejected": ["b", REJECTED[0]]})
+    assert ReferenceLogProbs(tiny_models["policy"], max_length=32)(table).column(QUARANTINE)[0].as_py() == \
+        "prompt_exceeds_max_length"
+    out = ReferenceLogProbs(tiny_models["policy"], max_length=32, max_prompt_length=16)(table)
+    assert out.column(QUARANTINE).to_pylist() == [None, None]
+    tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
+    ex = encode_pairs(tok, [long_prompt], [CHOSEN[1] * 3], ["b"])[0]
+    prompt, completion = ex["prompt_ids"][-16:], ex["chosen_ids"][:16]
+    assert len(ex["chosen_ids"]) > 16  # so max_length really cut the completion
+    assert out.column("chosen_tokens")[0].as_py() == 16
+    ids = prompt + completion
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    want = sum(float(lp[t - 1, ids[t]]) for t in range(16, 32))
+    assert out.column("ref_chosen_logp")[0].as_py() == pytest.approx(want, abs=1e-4)

@@ -307,3 +307,30 @@ def test_shuffle_schedule_is_a_permutation_per_epoch():
     second = np.concatenate([sched.indices(s, 0) for s in range(5, 10)])
     assert sorted(first) == list(range(10)) and sorted(second) == list(range(10))
     assert not np.array_equal(first, second)
+
+
+def test_max_prompt_length_validation():
+    def with_input(**values):
+        return config(input={"path": "x", **values}, model={"policy": "y"})
+
+    validate(with_input(max_length=1024, max_prompt_length=512))
+    with pytest.raises(ConfigError, match="input.max_prompt_length must be below input.max_length"):
+        validate(with_input(max_length=64, max_prompt_length=64))
+    with pytest.raises(ConfigError, match="input.max_prompt_length must be > 0"):
+        validate(with_input(max_prompt_length=0))
+
+
+def test_training_refuses_pairs_left_with_no_completion_token(tiny_models):
+    """Without max_prompt_length a prompt that fills max_length leaves no completion token: an error naming
+    the pair and the fix, not a silent zero loss; with the prompt capped, the same rows train."""
+    from transformers import AutoTokenizer
+
+    from pipelines.training.batches import LocalData
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    rows = pa.table({"prompt_id": ["short", "long"], "prompt": ["hi", "word " * 60],
+                     "chosen": ["a good answer", "yes"], "rejected": ["no", "no"]})
+    with pytest.raises(ValueError, match=r"1 pairs \(e.g. 'long'\).*input.max_prompt_length"):
+        LocalData.build(rows, tok, 32)
+    data = LocalData.build(rows, tok, 32, max_prompt_length=16)
+    assert [len(e["prompt_ids"]) for e in data.examples][1] == 16

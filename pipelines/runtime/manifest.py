@@ -1,9 +1,12 @@
 """The run folder: one sub-folder of parquet shards per stage, `quarantine/<stage>/`, and `manifest.json`.
 
-A stage's output appears all at once: it is written to `<stage>.tmp/` and renamed when complete, with a
-`_SUCCESS` file holding the stage's fingerprint (a hash of the config that shaped it and of its upstream
-stages). A rerun with the same fingerprint skips the stage; a killed run leaves only a `.tmp` folder, which
-the next run deletes and redoes. That gives exactly-once stage outputs without Ray-side checkpoints.
+A stage commits without renaming a folder, because object stores cannot (S3 has no directory move: Arrow's
+`S3FileSystem.move` copies single objects only). Its shards go straight into `<stage>/` (and
+`quarantine/<stage>/`), and `_SUCCESS`, holding the stage's fingerprint (a hash of the config that shaped
+it and of its upstream stages), is written last. A folder whose `_SUCCESS` is missing or holds another
+fingerprint is incomplete, from a killed run or another config: the next run clears it and writes it
+again. A rerun with the same fingerprint skips the stage. That gives exactly-once stage outputs without
+Ray-side checkpoints, on a local disk and on s3:// or gs:// alike.
 """
 
 from __future__ import annotations
@@ -67,12 +70,25 @@ class StageRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) of a local path or a URI. pyarrow finds credentials and the endpoint as
+    the cloud SDKs do (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL, instance roles, ...),
+    or in the URI's query: `s3://bucket/run?endpoint_override=http://host:9000&scheme=http` (MinIO)."""
+    return pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(os.path.expanduser(uri)))
+
+
 class RunDir:
-    """A run folder on any pyarrow filesystem (a local path, or s3://, gs://, hdfs:// on clusters)."""
+    """A run folder on any pyarrow filesystem (a local path, or s3://, gs://, hdfs:// on clusters).
+
+    Ray Data and Ray Train get `fs` with a plain `path(...)`, never a URI to resolve again: the filesystem
+    object carries the endpoint and the credentials the driver resolved into every task and worker (it
+    pickles with them), so workers need no environment of their own.
+    """
 
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = pafs.FileSystem.from_uri(self.uri if "://" in self.uri else os.path.abspath(self.uri))
+        self.fs, self.root = filesystem_of(self.uri)
+        self.root = self.root.rstrip("/")
         self.fs.create_dir(self.root, recursive=True)
         self.manifest = self._load_manifest()
 
@@ -81,7 +97,8 @@ class RunDir:
         return "/".join([self.root, *parts])
 
     def uri_of(self, *parts: str) -> str:
-        """A path Ray Data can read or write (keeps the scheme for remote filesystems)."""
+        """Where a part of the run is, for people and for other runs' configs: the scheme is kept, a query
+        (an endpoint) is not, so an s3:// input with a custom endpoint needs AWS_ENDPOINT_URL or its query."""
         if "://" in self.uri:
             scheme = self.uri.split("://", 1)[0]
             return f"{scheme}://" + self.path(*parts)
@@ -95,11 +112,18 @@ class RunDir:
             return f.read().decode("utf-8")
 
     def write_text(self, text: str, *parts: str) -> None:
-        """Write via a temp file and a move, so a reader never sees a half-written file."""
-        tmp = self.path(*parts) + ".tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(text.encode("utf-8"))
-        self.fs.move(tmp, self.path(*parts))
+        """A reader never sees a half-written file. A local file is written beside and moved over it; an
+        object store has no atomic rename, and needs none: an object appears whole when its upload ends
+        (an S3 PUT or completed multipart upload, a finalized GCS upload), replacing the old one."""
+        data = text.encode("utf-8")
+        target = self.path(*parts)
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+            return
+        with self.fs.open_output_stream(target + ".tmp") as f:
+            f.write(data)
+        self.fs.move(target + ".tmp", target)
 
     def remove(self, *parts: str) -> None:
         if self.exists(*parts):
@@ -111,9 +135,11 @@ class RunDir:
 
     # stage completion -------------------------------------------------------------------------------------
     def is_complete(self, stage: str, fp: str) -> bool:
-        if not self.exists(stage, SUCCESS):
+        """`_SUCCESS` holds this fingerprint and the manifest's record is of the same run of the stage (a
+        run killed between the two writes leaves an older record, whose counts are not this output's)."""
+        if not self.exists(stage, SUCCESS) or self.read_text(stage, SUCCESS).strip() != fp:
             return False
-        return self.read_text(stage, SUCCESS).strip() == fp and stage in self.manifest.get("stages", {})
+        return self.manifest.get("stages", {}).get(stage, {}).get("fingerprint") == fp
 
     def stage_record(self, stage: str) -> StageRecord | None:
         d = self.manifest.get("stages", {}).get(stage)

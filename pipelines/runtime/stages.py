@@ -50,7 +50,7 @@ def column_sums(ds, columns: list[str]) -> dict[str, float]:
 def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
     import ray
 
-    return ray.data.read_parquet(run.uri_of(stage), columns=columns, file_extensions=["parquet"])
+    return ray.data.read_parquet(run.path(stage), filesystem=run.fs, columns=columns, file_extensions=["parquet"])
 
 
 def count_reasons(run: RunDir, stage: str) -> dict[str, int]:
@@ -100,21 +100,20 @@ def run_stage(
 
     say(f"stage {stage}: running")
     t0 = time.perf_counter()
-    for leftover in (stage, stage + ".tmp", f"{QUARANTINE_DIR}/{stage}", f"{QUARANTINE_DIR}/{stage}.tmp"):
-        run.remove(*leftover.split("/"))
+    # A folder without this fingerprint's _SUCCESS is a killed run's or another config's: cleared, not mixed.
+    run.remove(stage)
+    run.remove(QUARANTINE_DIR, stage)
 
     ds = build().materialize()
     good = ds.map_batches(_good, batch_format="pyarrow", batch_size=None)
     bad = ds.map_batches(_bad, batch_format="pyarrow", batch_size=None)
 
-    tmp, qtmp = stage + ".tmp", f"{QUARANTINE_DIR}/{stage}.tmp"
     rows_out = good.count()
     n_bad = bad.count()
-    _write(good, run, tmp, rows_out)
+    _write(good, run, stage, rows_out)
     if n_bad:
-        _write(bad, run, qtmp, n_bad)
-        run.fs.create_dir(run.path(QUARANTINE_DIR), recursive=True)
-        run.fs.move(run.path(*qtmp.split("/")), run.path(QUARANTINE_DIR, stage))
+        _write(bad, run, f"{QUARANTINE_DIR}/{stage}", n_bad)
+        run.write_text(fp, QUARANTINE_DIR, stage, SUCCESS)
     quarantined = count_reasons(run, stage)
     # rows_in=None: a 1:1 stage whose every input row comes out, good or quarantined.
     n_in = rows_out + n_bad if rows_in is None else (rows_in() if callable(rows_in) else int(rows_in))
@@ -129,9 +128,9 @@ def run_stage(
         unit_in=unit_in,
         unit_out=unit_out,
     )
-    # The marker goes in last, then the folder is renamed into place: a killed run leaves only `.tmp`.
-    run.write_text(fp, tmp, SUCCESS)
-    run.fs.move(run.path(tmp), run.path(stage))
+    # The commit: _SUCCESS goes in after every shard (and the quarantine), then the manifest's record. No
+    # folder is renamed, which object stores cannot do; a killed run leaves a folder without the marker.
+    run.write_text(fp, stage, SUCCESS)
     run.record(stage, rec)
     qmsg = f", quarantined {rec.quarantined_total} ({', '.join(f'{k}: {v}' for k, v in quarantined.items())})" \
         if quarantined else ""
@@ -146,9 +145,9 @@ def run_stage(
 
 def _write(ds, run: RunDir, rel: str, n_rows: int) -> None:
     """Write parquet shards; an empty result still gets one empty shard carrying the schema."""
-    path = run.uri_of(*rel.split("/"))
+    path = run.path(*rel.split("/"))
     if n_rows:
-        ds.write_parquet(path)
+        ds.write_parquet(path, filesystem=run.fs)
         return
     import pyarrow.parquet as pq
 
@@ -156,6 +155,6 @@ def _write(ds, run: RunDir, rel: str, n_rows: int) -> None:
     arrow_schema = schema.base_schema if schema is not None and hasattr(schema, "base_schema") else None
     if not isinstance(arrow_schema, pa.Schema):
         arrow_schema = pa.schema([])
-    run.fs.create_dir(run.path(*rel.split("/")), recursive=True)
-    with run.fs.open_output_stream(run.path(*rel.split("/"), "empty-0.parquet")) as f:
+    run.fs.create_dir(path, recursive=True)
+    with run.fs.open_output_stream(path + "/empty-0.parquet") as f:
         pq.write_table(arrow_schema.empty_table(), f)

@@ -6,6 +6,7 @@ YAML is always safe-loaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -205,14 +206,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has a malformed key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=ConfigSafeLoader) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
     return key.split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    data = copy.deepcopy(data)  # a JSON round trip would fail on a set and turn int keys into strings
     for text in overrides:
         parts, value = parse_override(text)
         node = data
@@ -227,9 +228,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-class UniqueKeySafeLoader(yaml.SafeLoader):
-    """safe_load, except that a key given twice in one mapping is an error: plain YAML keeps the last one,
-    so a second `select:` section would silently replace the first."""
+class ConfigSafeLoader(yaml.SafeLoader):
+    """safe_load, except for two things a config should not inherit from plain YAML:
+    - a key given twice in one mapping is an error: plain YAML keeps the last one, so a second `select:`
+      section would silently replace the first;
+    - a date or timestamp (`run.name: 2024-01-01`) stays the text as written: a run name or path that looks
+      like a date is still a string, and a field that wants a number names the key and the value."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, Any] = {}
@@ -245,12 +249,15 @@ class UniqueKeySafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+ConfigSafeLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_scalar)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeySafeLoader)
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=ConfigSafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
     except UnicodeDecodeError as e:
@@ -332,31 +339,3 @@ def model_path(path: str, key: str) -> str:
     if HUB_ID.match(path):
         return path
     raise FileNotFoundError(f"{key}: model path does not exist: {path}")
-
-
-def cli(cls: type[T], main, doc: str | None, argv: list[str], finish=None) -> int:
-    """`--config FILE [key.sub=value ...]`: parse, run `main(cfg)`, and turn config mistakes into one clear line.
-
-    `finish(cfg) -> run_dir` names the run folder whose report and summary table end the run.
-    """
-    import argparse
-
-    ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None,
-                                 epilog="overrides: key.sub=value (YAML values), e.g. select.fraction=0.1")
-    ap.add_argument("--config", required=False, help="YAML config file")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(cls, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", flush=True)
-        return 2
-    main(cfg)
-    if finish is not None:
-        from pipelines.reporting.report import print_summary, write_report
-
-        run_dir = finish(cfg)
-        path = write_report(run_dir)
-        print_summary(run_dir)
-        print(f"[prefsift] report:     {path}", flush=True)
-    return 0

@@ -24,7 +24,6 @@ from pipelines.runtime.config import (
     RunCfg,
     check_choice,
     fingerprint,
-    load_config,
     model_path,
     resolve_path,
     to_dict,
@@ -166,7 +165,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     from pipelines.runtime.manifest import RunDir
     from pipelines.runtime.ray_start import init_ray
     from pipelines.runtime.stages import read_stage, run_stage
-    from pipelines.training.placement import input_stamp, locate_pairs, order_values
+    from pipelines.training.placement import input_stamp, locate_pairs, order_values, require_sft_routes
 
     # --- setup: validate, start Ray, read the pairs -----------------------------------------------------
     validate(cfg)
@@ -182,8 +181,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     ds = ray.data.read_parquet(pairs, file_extensions=["parquet"])
     check_columns(ReferenceLogProbs, ds.schema().names, where=f"pairs at {pairs}")
     if loss_fn.name == "mixdpo" or "mixdpo" in (cfg.loss.weights or {}):
-        if "route" not in ds.schema().names:
-            raise ValueError(f"loss mixdpo needs the column 'route' (dpo | sft), which {pairs} lacks")
+        say(f"mixdpo: {require_sft_routes(ds, pairs)} pairs route to sft")
 
     # --- reference log-probs, once: a Ray Data stage written to pairs_ref/ ------------------------------
     have_ref = {"ref_chosen_logp", "ref_rejected_logp"} <= set(ds.schema().names)
@@ -421,21 +419,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    import argparse
+    """The same path as `prefsift train`: the same checks before Ray and the same one-line errors."""
+    from pipelines.tools.cli import main as prefsift
 
-    ap = argparse.ArgumentParser(description="Train a policy on curated pairs (DPO / IPO / SFT / MixDPO).",
-                                 epilog="overrides: key.sub=value (YAML values), e.g. optim.max_steps=20")
-    ap.add_argument("--config", help="YAML config file")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        validate(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        return 2
-    main(cfg)
-    return 0
+    return prefsift(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ class SelectCfg:
     count: int | None = None  # budget as a count (exclusive with fraction)
     stratify_by: str | None = None  # e.g. `source`: apply the budget within each stratum
     seed: int | None = None  # tie-break seed; null uses run.seed
-    # margin_curriculum: route = sft where margin < margin_tau, or for the hardest sft_quantile of pairs.
+    # margin_curriculum: route = sft where margin < margin_tau (strict, as the MixDPO paper's code: 0.5 on
+    # UltraFeedback's 1-10 ratings), or for the hardest sft_quantile of pairs (prefsift's own option, not in
+    # the paper). Both null routes every pair to dpo, which train_dpo refuses for loss mixdpo.
     margin_tau: float | None = None
     sft_quantile: float | None = None
     # threshold: keep rows with min <= column <= max.

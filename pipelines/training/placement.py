@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def locate_pairs(path: str) -> str:
@@ -40,6 +41,28 @@ def input_stamp(path: str) -> list:
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".parquet"))
     return [[f, os.stat(f).st_size, int(os.stat(f).st_mtime)] for f in files]
+
+def require_sft_routes(ds: Any, where: str) -> int:
+    """MixDPO with no pair routed to SFT is plain DPO under another name (with `select.margin_tau` and
+    `select.sft_quantile` both null, margin_curriculum routes every pair to dpo): refuse it, with the fix.
+    One string column to the driver. Returns the number of sft rows."""
+    from pipelines.runtime.config import ConfigError
+
+    how = ("curate with select.rule=margin_curriculum select.margin_tau=0.5 (the MixDPO paper: route = sft "
+           "where score_chosen - score_rejected < 0.5, on 1-10 ratings; rescale tau for other scales), or "
+           "select.sft_quantile=q (prefsift's own option, not in the paper: the hardest q of the pairs); or train "
+           "with loss.name=sigmoid")
+    if "route" not in ds.schema().names:
+        raise ConfigError(f"loss mixdpo needs the column 'route' (dpo | sft), which the pairs at {where} lack: "
+                          + how)
+    n_sft = 0
+    for b in ds.select_columns(["route"]).iter_batches(batch_format="pyarrow", batch_size=None):
+        n_sft += int(pc.sum(pc.equal(b.column("route"), "sft")).as_py() or 0)
+    if n_sft == 0:
+        raise ConfigError(f"loss mixdpo: no pair at {where} has route = sft, so every pair would train with "
+                          "DPO: " + how)
+    return n_sft
+
 
 def order_values(ds: Any) -> np.ndarray | None:
     """Sorted `order` values when every pair has one, None when none has; one int column to the driver."""

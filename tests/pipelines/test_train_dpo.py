@@ -334,3 +334,20 @@ def test_training_refuses_pairs_left_with_no_completion_token(tiny_models):
         LocalData.build(rows, tok, 32)
     data = LocalData.build(rows, tok, 32, max_prompt_length=16)
     assert [len(e["prompt_ids"]) for e in data.examples][1] == 16
+
+
+@pytest.mark.slow
+def test_mixdpo_refuses_pairs_with_no_sft_route(ray_local, tiny_models, tmp_path):
+    """Checked on the driver from the route column, before the reference stage and Ray Train start."""
+    pairs = write_pairs(tmp_path / "in" / "pairs")
+    all_dpo = pairs.set_column(pairs.column_names.index("route"), "route", pa.array(["dpo"] * N_PAIRS))
+    (tmp_path / "dpo").mkdir()
+    pq.write_table(all_dpo, tmp_path / "dpo" / "part-0.parquet")
+    (tmp_path / "noroute").mkdir()
+    pq.write_table(pairs.drop_columns(["route"]), tmp_path / "noroute" / "part-0.parquet")
+    for name, why in (("dpo", "no pair .* has route = sft"), ("noroute", "needs the column 'route'")):
+        cfg = config(input={"path": str(tmp_path / name)}, output={"dir": str(tmp_path / f"out_{name}")},
+                     model={"policy": tiny_models["policy"]})
+        with pytest.raises(ConfigError, match=f"{why}.*select.margin_tau=0.5.*select.sft_quantile"):
+            main(cfg)
+        assert not (tmp_path / f"out_{name}" / "pairs_ref").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,6 +16,8 @@ from pipelines import select as select_pipeline
 from pipelines.runtime.config import CurateConfig, load_config
 
 CONFIG = "pipelines/configs/real_rated.yaml"
+# The first 300 of UltraFeedback binarized's 1,200-row sample, shipped for the demo and reused here.
+UF_300 = Path(__file__).resolve().parents[2] / "pipelines" / "data" / "ultrafeedback_binarized_sample_300.jsonl.gz"
 
 
 def run_cfg(tmp_path, **overrides) -> CurateConfig:
@@ -56,9 +59,9 @@ def check_manifest(run_dir):
 
 
 @pytest.fixture(scope="module")
-def uf_run(ray_local, real_data, tmp_path_factory):
+def uf_run(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("uf")
-    path = real_data / "ultrafeedback_binarized_sample.jsonl.gz"
+    path = UF_300
     res = curate.main(run_cfg(out, **{"input.path": str(path), "select.rule": "pvar_top", "select.fraction": 0.1}))
     return out, path, res
 
@@ -67,7 +70,7 @@ def test_ultrafeedback_stats_match_definitions(uf_run):
     out, path, _ = uf_run
     ref = independent_stats(path)
     stats = {s["prompt_id"]: s for s in read(out, "stats")}
-    assert set(stats) == set(ref) and len(ref) == 1200
+    assert set(stats) == set(ref) and len(ref) == 300
     for pid, r in ref.items():
         s = stats[pid]
         assert s["n"] == r["n"]
@@ -80,11 +83,11 @@ def test_ultrafeedback_stats_match_definitions(uf_run):
 def test_ultrafeedback_pvar_top_10_percent_pairs(uf_run):
     out, path, res = uf_run
     pairs = read(out, "pairs")
-    assert len(pairs) == 120 == res["num_pairs"]
+    assert len(pairs) == 30 == res["num_pairs"]
     stats = read(out, "stats")
-    cutoff = sorted((s["pvar"] for s in stats), reverse=True)[119]
+    cutoff = sorted((s["pvar"] for s in stats), reverse=True)[29]
     assert all(p["pvar"] >= cutoff - 1e-15 for p in pairs)
-    assert sum(s["pvar"] > cutoff for s in stats) <= 120
+    assert sum(s["pvar"] > cutoff for s in stats) <= 30
     raw = {json.loads(line)["prompt_id"]: json.loads(line) for line in gzip.open(path, "rt")}
     for p in pairs:
         resp = {x["label"]: x for x in raw[p["prompt_id"]]["responses"]}
@@ -100,7 +103,7 @@ def test_pairs_load_with_datasets(uf_run):
 
     out, _, _ = uf_run
     ds = datasets.load_dataset("parquet", data_files=str(out / "pairs" / "*.parquet"), split="train")
-    assert ds.num_rows == 120
+    assert ds.num_rows == 30
     assert {"prompt", "chosen", "rejected", "prompt_id", "margin", "pvar", "route", "order"} <= set(ds.column_names)
 
 
@@ -119,8 +122,9 @@ def test_rerun_skips_completed_stages_and_select_reuses_stats(uf_run):
     assert (out / "stats" / "_SUCCESS").stat().st_mtime_ns == before
     pairs = read(out, "pairs")
     assert res["records"]["pairs"].rows_out == len(pairs)
-    # all_rewards_equal, and identical_chosen_rejected (the same text twice with different scores) stay out
-    assert len(pairs) == 1200 - sum(1 for s in read(out, "stats") if s["best_idx"] == s["worst_idx"]
+    # all_rewards_equal, and identical_chosen_rejected (the same text twice with different scores) stay out;
+    # these 300 rows have neither (a tie between labelled chosen/rejected is still a pair), test_bad_input has both
+    assert len(pairs) == 300 - sum(1 for s in read(out, "stats") if s["best_idx"] == s["worst_idx"]
                                     or s["best_response"] == s["worst_response"])
     orders = sorted(p["order"] for p in pairs)
     assert orders == list(range(len(orders))) or len(set(orders)) == len(orders)
@@ -133,16 +137,16 @@ def test_rerun_skips_completed_stages_and_select_reuses_stats(uf_run):
 
 
 def test_arena_bench_many_responses(ray_local, real_data, tmp_path):
-    path = real_data / "arena_bench_v1_gpt4_single.jsonl.gz"
+    path = real_data / "arena_bench_v1_gpt4_single_100.jsonl.gz"
     curate.main(run_cfg(tmp_path, **{"input.path": str(path), "select.fraction": 0.1}))
     ref = independent_stats(path)
     stats = {s["prompt_id"]: s for s in read(tmp_path, "stats")}
-    assert len(stats) == 300
+    assert len(stats) == 100
     for pid, r in ref.items():
         assert stats[pid]["pvar"] == pytest.approx(r["pvar"], abs=1e-12)
         assert stats[pid]["margin"] == pytest.approx(r["margin"], abs=1e-12)
         assert stats[pid]["n"] == r["n"]
-    assert len(read(tmp_path, "pairs")) == 30
+    assert len(read(tmp_path, "pairs")) == 10
     m = check_manifest(tmp_path)
     assert m["stages"]["scored"]["rows_out"] == sum(r["n"] for r in ref.values())
 

@@ -15,7 +15,7 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from matplotlib.figure import Figure  # the OO API renders with Agg and leaves pyplot's global state alone
 
 from pipelines.runtime.console import say
@@ -238,18 +239,53 @@ class Pearson:
         return self.sxy / np.sqrt(self.sxx * self.syy) if self.sxx > 0 and self.syy > 0 else float("nan")
 
 
-def plot_length(run: RunDir, stats: pa.Table | None, out: Path, notes: list[str], seed: int = 0) -> str | None:
+def response_batches(run: RunDir) -> tuple[int, Iterator[pa.Table]] | None:
+    """About how many responses scored/ holds (from the footers), and each response's (`response_len`,
+    `reward`) in batches, from either layout: a row per response with those columns, or a row per prompt
+    whose `responses` list holds structs with `len` and `overall`; of those only the two numeric leaves are
+    read, never the texts. None without either."""
     if not run.exists("scored"):
         return None
     ds = pads.dataset(run.path("scored"), filesystem=run.fs, format="parquet")
-    if not {"response_len", "reward"} <= set(ds.schema.names):
+    if {"response_len", "reward"} <= set(ds.schema.names):
+        return ds.count_rows(), (pa.Table.from_batches([b]) for b in ds.to_batches(
+            columns=["response_len", "reward"], batch_size=65_536))
+    kind = ds.schema.field("responses").type if "responses" in ds.schema.names else pa.null()
+    item = kind.value_type if pa.types.is_list(kind) or pa.types.is_large_list(kind) else pa.null()
+    if not pa.types.is_struct(item) or item.get_field_index("len") < 0 or item.get_field_index("overall") < 0:
         return None
-    total = ds.count_rows()
+
+    def leaf(pf: pq.ParquetFile, name: str) -> int:
+        return next(i for i in range(len(pf.schema)) if pf.schema.column(i).path.startswith("responses.")
+                    and pf.schema.column(i).path.rsplit(".", 1)[-1] == name)
+
+    def per_prompt() -> Iterator[pa.Table]:
+        for file in ds.files:
+            with run.fs.open_input_file(file) as f:
+                pf = pq.ParquetFile(f)
+                cols = [pf.schema.column(leaf(pf, name)).path for name in ("len", "overall")]
+                for batch in pf.iter_batches(columns=cols, batch_size=8192):
+                    flat = pc.list_flatten(batch.column("responses"))
+                    yield pa.table({"response_len": flat.field("len"), "reward": flat.field("overall")})
+
+    total = 0
+    for file in ds.files:  # values of the `len` leaf: the responses, from the footers
+        with run.fs.open_input_file(file) as f:
+            pf = pq.ParquetFile(f)
+            j = leaf(pf, "len")
+            total += sum(pf.metadata.row_group(g).column(j).num_values for g in range(pf.num_row_groups))
+    return total, per_prompt()
+
+
+def plot_length(run: RunDir, stats: pa.Table | None, out: Path, notes: list[str], seed: int = 0) -> str | None:
+    found = response_batches(run)
+    if found is None:
+        return None
+    total, batches = found
     keep = min(1.0, MAX_POINTS / max(total, 1))
     rng = np.random.default_rng(seed)
     corr, xs, ys, bad = Pearson(), [], [], {"response_len": 0, "reward": 0}
-    for batch in ds.to_batches(columns=["response_len", "reward"], batch_size=65_536):
-        t = pa.Table.from_batches([batch])
+    for t in batches:
         x, x_ok, x_bad = plotted(t, "response_len")
         y, y_ok, y_bad = plotted(t, "reward")
         bad["response_len"] += x_bad

@@ -16,14 +16,23 @@ import pyarrow.parquet as pq
 import pytest
 
 from operators.select import Budget, RuleParams, select
-from pipelines.reporting.report import Pearson, cut_values, print_summary, write_report
+from pipelines.reporting.report import (
+    Pearson,
+    cut_values,
+    open_run,
+    print_summary,
+    response_batches,
+    write_report,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def make_run(root: Path, *, prompts: int = 240, k: int = 4, aspects: bool = True, train: bool = True,
-             evaluation: bool = True, rule: str = "pvar_top", fraction: float = 0.1, seed: int = 0) -> Path:
-    """A run folder with the layout curate writes: stats/, selection/, scored/, manifest.json (+ training)."""
+             evaluation: bool = True, rule: str = "pvar_top", fraction: float = 0.1, seed: int = 0,
+             per_prompt: bool = False) -> Path:
+    """A run folder with the layout curate writes: stats/, selection/, scored/, manifest.json (+ training).
+    scored/ has a row per response, or with `per_prompt` a row per prompt holding its responses as a list."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     ids = [f"p{i:04d}" for i in range(prompts)]
@@ -48,6 +57,12 @@ def make_run(root: Path, *, prompts: int = 240, k: int = 4, aspects: bool = True
     scored = pa.table({"prompt_id": np.repeat(ids, k).tolist(), "sample_idx": np.tile(np.arange(k), prompts),
                        "response": ["x"] * n, "reward": 0.001 * lengths + rng.normal(0, 1, n),
                        "response_len": lengths})
+    if per_prompt:
+        responses = [{"text": "x", "sample_idx": j, "overall": r, "len": n}
+                     for j, r, n in zip(scored.column("sample_idx").to_pylist(), scored.column("reward").to_pylist(),
+                                        lengths.tolist(), strict=True)]
+        scored = pa.table({"prompt_id": ids, "responses": [responses[i * k:(i + 1) * k] for i in range(prompts)]})
+        n = prompts
     (root / "scored").mkdir()
     for i in range(2):  # two shards, so streaming over files and batches is exercised
         pq.write_table(scored.slice(i * n // 2, n // 2), root / "scored" / f"part-{i}.parquet")
@@ -241,6 +256,33 @@ def test_a_failing_plot_leaves_the_rest_of_the_report(tmp_path):
     assert set(check_page(page)) == {"pvar_hist.png", "pd_hist.png", "sources.png", "training.png"}
     assert "margin_hist: 1 non-finite margin value(s)" in page.read_text()
     assert "<td>stats</td>" in page.read_text()  # the stage table is still there
+
+
+def test_responses_of_per_prompt_scored(tmp_path):
+    """Read from the one-row-per-prompt layout: the `len` and `overall` leaves, one value per response."""
+    run = tmp_path / "run"
+    (run / "scored").mkdir(parents=True)
+    (run / "manifest.json").write_text("{}")
+    pq.write_table(pa.table({"prompt_id": ["a", "b"], "responses": [
+        [{"text": "abc", "overall": 1.0, "len": 3}, {"text": "abcde", "overall": -np.inf, "len": 5}],
+        [{"text": "ab", "overall": None, "len": 2}]]}), run / "scored" / "part-0.parquet")
+    total, batches = response_batches(open_run(run))
+    t = pa.concat_tables(list(batches))
+    assert total == 3 and t.column("response_len").to_pylist() == [3, 5, 2]
+    assert t.column("reward").to_pylist() == [1.0, -np.inf, None]
+
+
+def test_reward_vs_length_from_per_prompt_scored(tmp_path):
+    run = make_run(tmp_path / "run", train=False, per_prompt=True)
+    page = write_report(run)
+    assert "reward_vs_length.png" in check_page(page)
+    shards = sorted((run / "scored").glob("*.parquet"))
+    t = pq.read_table(shards[0])
+    first = t.column("responses").to_pylist()
+    first[0][1]["overall"] = float("inf")
+    pq.write_table(t.set_column(1, "responses", pa.array(first, t.schema.field("responses").type)), shards[0])
+    text = write_report(run).read_text()
+    assert "reward_vs_length: 1 non-finite reward value(s)" in text and "failed" not in text
 
 
 def test_not_a_run_folder(tmp_path):

@@ -76,9 +76,13 @@ class OptimCfg:
     lr: float = 1e-6
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # a fraction of the total steps, rounded up (HF's warmup_ratio); with warmup_steps 0
     max_steps: int | None = None  # null: `epochs` passes over the pairs
     epochs: float = 1.0
     per_device_batch_size: int = 4
+    # Keep the last partial global batch (false, as the MixDPO authors' HF dataloader): with a curriculum it
+    # holds the hardest pairs. Ranks pad it with zero-weight rows, so all run the same steps.
+    drop_last: bool = False
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
@@ -139,6 +143,9 @@ def validate(cfg: TrainConfig) -> None:
         ("optim.per_device_batch_size", cfg.optim.per_device_batch_size > 0, "must be > 0"),
         ("optim.grad_accum", cfg.optim.grad_accum > 0, "must be > 0"),
         ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "must be >= 0"),
+        ("optim.warmup_ratio", 0 <= cfg.optim.warmup_ratio < 1, "must be in [0, 1)"),
+        ("optim.warmup_ratio", not (cfg.optim.warmup_ratio and cfg.optim.warmup_steps),
+         "and optim.warmup_steps cannot both be set"),
         ("scaling.num_workers", cfg.scaling.num_workers > 0, "must be > 0"),
         ("scaling.cpus_per_worker", cfg.scaling.cpus_per_worker > 0, "must be > 0"),
         ("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps >= 0, "must be >= 0"),
@@ -156,7 +163,7 @@ def validate(cfg: TrainConfig) -> None:
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from operators.base import Resources, apply, check_columns
@@ -165,6 +172,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     from pipelines.runtime.manifest import RunDir
     from pipelines.runtime.ray_start import init_ray
     from pipelines.runtime.stages import read_stage, run_stage
+    from pipelines.training.batches import steps_per_epoch as steps_in_epoch
     from pipelines.training.placement import input_stamp, locate_pairs, order_values, require_sft_routes
 
     # --- setup: validate, start Ray, read the pairs -----------------------------------------------------
@@ -209,10 +217,11 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     positions = order_values(ds)
     world = cfg.scaling.num_workers
     global_batch = world * cfg.optim.per_device_batch_size * cfg.optim.grad_accum
-    steps_per_epoch = n_pairs // global_batch
-    if steps_per_epoch == 0:
+    steps_per_epoch = steps_in_epoch(n_pairs, global_batch, cfg.optim.drop_last)
+    if steps_per_epoch == 0 or n_pairs < world:
         raise ValueError(f"{n_pairs} pairs are fewer than one global batch of {global_batch} "
-                         f"(scaling.num_workers x optim.per_device_batch_size x optim.grad_accum)")
+                         f"(scaling.num_workers x optim.per_device_batch_size x optim.grad_accum) with "
+                         f"optim.drop_last, or fewer than one per worker")
     total_steps = cfg.optim.max_steps or max(1, round(cfg.optim.epochs * steps_per_epoch))
     say(f"train: {n_pairs} pairs, global batch {global_batch}, {total_steps} steps "
         f"({total_steps / steps_per_epoch:.2f} epochs), {'curriculum by order' if positions is not None else 'shuffled'}")
@@ -225,6 +234,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg, "policy": policy, "out_dir": out_dir, "total_steps": total_steps, "n_pairs": n_pairs,
+            "steps_per_epoch": steps_per_epoch,
             "positions": ray.put(positions) if positions is not None else None,
             # A live bar (tqdm_ray) only for a terminal; into a log (`ray job logs`, CI) Ray's bar manager
             # redraws a closed bar before every later driver line, so rank 0 prints progress lines there.
@@ -236,6 +246,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             name=cfg.run.name, storage_path=os.path.join(out_dir, "train"),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            # Ray Train logs each report's whole metrics dict from every rank at INFO; our rank-0 train
+            # lines carry the step, loss and checkpoint. Its warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": ds},
         # A curriculum needs every row in every worker (see pipelines/training/); otherwise split.
@@ -261,6 +274,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import contextlib
+    import math
     import tempfile
 
     import ray
@@ -270,7 +284,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
     from operators.logprobs import pad_token_id, pair_logps
-    from pipelines.training.batches import LocalData, LocalSchedule
+    from pipelines.training.batches import LocalData, LocalSchedule, global_rows
     from pipelines.training.checkpoint import (
         TRAINER_STATE,
         fast_forward,
@@ -311,7 +325,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW([
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": oc.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=oc.lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, oc.warmup_steps, total_steps)
+    warmup = oc.warmup_steps or math.ceil(oc.warmup_ratio * total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     start_step = 0
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])
@@ -323,11 +338,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     curriculum = config["positions"] is not None
     global_batch = world * oc.per_device_batch_size * oc.grad_accum
     batches = ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=4096)
-    rows = local_rows(batches, ray.get(config["positions"]) if curriculum else None, rank, world, global_batch)
+    rows = local_rows(batches, ray.get(config["positions"]) if curriculum else None, rank, world, global_batch,
+                      oc.drop_last)
     data = LocalData.build(rows, tokenizer, cfg.input.max_length, cfg.input.max_prompt_length)
     sched = LocalSchedule(data.n_rows, oc.per_device_batch_size, oc.grad_accum, curriculum,
-                             seed=cfg.run.seed, rank=rank)
-    if data.n_rows < sched.rows_per_step:
+                          seed=cfg.run.seed, rank=rank, steps_per_epoch=config["steps_per_epoch"])
+    if data.n_rows == 0 or (curriculum and oc.drop_last and data.n_rows < sched.rows_per_step):
         raise ValueError(f"rank {rank} holds {data.n_rows} pairs, fewer than one step's "
                          f"{sched.rows_per_step}")
     pad = pad_token_id(tokenizer)
@@ -349,8 +365,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t_step = time.perf_counter()
         acc = StepMetrics()
         lr = scheduler.get_last_lr()[0]
+        # The loss is the mean over the step's real rows of all ranks; DDP/FSDP average gradients over ranks.
+        scale = world / global_rows(step, config["n_pairs"], global_batch, oc.drop_last, curriculum)
         for micro in range(oc.grad_accum):
             idx = sched.indices(step, micro)
+            weight = torch.as_tensor(sched.weights(step, micro), dtype=torch.float32, device=device)
             last_micro = micro == oc.grad_accum - 1
             if cfg.scaling.fsdp:
                 model.set_requires_gradient_sync(last_micro)
@@ -365,12 +384,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             pol.chosen_tokens, pol.rejected_tokens) if data.ref_chosen is not None else None
                 loss, metrics = loss_fn(pol, ref, {"is_sft": data.is_sft[idx]}, beta=cfg.loss.beta,
                                         label_smoothing=cfg.loss.label_smoothing)
-                (loss.mean() / oc.grad_accum).backward()
-            acc.add(loss, metrics, int((pol.chosen_tokens + pol.rejected_tokens).sum().item()))
+                ((loss * weight).sum() * scale).backward()
+            acc.add(loss, metrics, int(((pol.chosen_tokens + pol.rejected_tokens) * weight).sum().item()), weight)
             if cfg.output.log_batches:
+                real = [i for i, w in zip(idx, weight.tolist(), strict=True) if w > 0]
                 append_jsonl(batch_log, {"step": step + 1, "micro": micro, "rank": rank,
-                                            "ids": [data.ids[i] for i in idx],
-                                            "pos": [data.pos[i] for i in idx]})
+                                         "ids": [data.ids[i] for i in real], "pos": [data.pos[i] for i in real],
+                                         "padded": len(idx) - len(real)})
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -383,7 +403,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         done = step + 1
         last = {"step": done, **means, "grad_norm": float(grad_norm), "lr": lr, "pairs": n_rows,
                 "pairs_per_s": n_rows / dt, "tokens_per_s": n_tokens / dt,
-                "epoch": done * global_batch / config["n_pairs"]}
+                "epoch": done / config["steps_per_epoch"]}
         if rank == 0:
             append_jsonl(metrics_file, {**last, "time": time.time()})
             progress = f"train loss {means['loss']:.4f} {last['pairs_per_s']:.1f} pairs/s"
@@ -398,11 +418,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # --- checkpoint: every N steps and at the end ---------------------------------------------------
         every = cfg.checkpoint.every_n_steps
         if done == total_steps or (every and done % every == 0):
-            if done == total_steps and not cfg.scaling.fsdp:  # FSDP ranks hold different shards by design
+            if done == total_steps:
+                # The trained weights' digest goes beside the checkpoint that must hold them (tests load the
+                # checkpoint and compare). FSDP ranks hash the same gathered weights: in sync by design.
                 digests: list[Any] = [param_digest(model)] * world
-                if world > 1:
-                    torch.distributed.all_gather_object(digests, digests[0])
-                last["params_in_sync"] = len(set(digests)) == 1
+                if not cfg.scaling.fsdp:
+                    if world > 1:
+                        torch.distributed.all_gather_object(digests, digests[0])
+                    last["params_in_sync"] = len(set(digests)) == 1
+                last["param_digest"] = digests[0]
             model_state, optim_state = full_state(model, optimizer)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None

@@ -70,7 +70,14 @@ class LocalData:
 @dataclass(frozen=True)
 class LocalSchedule:
     """Local row indices for (step, micro-batch). Curriculum rows are already in order; others are cycled
-    through a fresh seeded permutation per local epoch."""
+    through a fresh seeded permutation per local epoch.
+
+    With a curriculum and the last partial global batch kept (optim.drop_last false), every rank still runs
+    `steps_per_epoch` steps of `grad_accum` full micro-batches, so the ranks' collectives stay in lockstep:
+    the slots past a rank's last row repeat a real row with weight 0 (`weights`), and contribute nothing to
+    the loss, the gradient or the metrics. Those are the last (hardest) rows of the order, the SFT-routed
+    pairs of MixDPO, which dropping the partial slice would never train on.
+    """
 
     n_rows: int
     micro_batch: int
@@ -78,17 +85,23 @@ class LocalSchedule:
     curriculum: bool
     seed: int = 0
     rank: int = 0
+    steps_per_epoch: int | None = None  # curriculum: the same on every rank; null = n_rows // rows_per_step
 
     @property
     def rows_per_step(self) -> int:
         return self.micro_batch * self.grad_accum
 
-    def indices(self, step: int, micro: int) -> np.ndarray:
+    def _slots(self, step: int, micro: int) -> np.ndarray:
         per = self.rows_per_step
+        steps_per_epoch = self.steps_per_epoch or self.n_rows // per
+        start = (step % steps_per_epoch) * per + micro * self.micro_batch
+        return np.arange(start, start + self.micro_batch)
+
+    def indices(self, step: int, micro: int) -> np.ndarray:
         if self.curriculum:
-            steps_per_epoch = self.n_rows // per
-            start = (step % steps_per_epoch) * per + micro * self.micro_batch
-            return np.arange(start, start + self.micro_batch)
+            slots = self._slots(step, micro)
+            return np.where(slots < self.n_rows, slots, self.n_rows - 1)
+        per = self.rows_per_step
         k = step * per + micro * self.micro_batch + np.arange(self.micro_batch)
         epoch, within = k // self.n_rows, k % self.n_rows
         out = np.empty_like(k)
@@ -96,6 +109,26 @@ class LocalSchedule:
             perm = np.random.default_rng([self.seed, self.rank, int(e)]).permutation(self.n_rows)
             out[epoch == e] = perm[within[epoch == e]]
         return out
+
+    def weights(self, step: int, micro: int) -> np.ndarray:
+        """1.0 for a real row, 0.0 for a padding slot of the last partial curriculum step."""
+        if not self.curriculum:
+            return np.ones(self.micro_batch)
+        return (self._slots(step, micro) < self.n_rows).astype(np.float64)
+
+
+def steps_per_epoch(n_pairs: int, global_batch: int, drop_last: bool) -> int:
+    return n_pairs // global_batch if drop_last else -(-n_pairs // global_batch)
+
+
+def global_rows(step: int, n_pairs: int, global_batch: int, drop_last: bool, curriculum: bool) -> int:
+    """Real rows that global step `step` trains on, over all ranks: the loss is their mean. Only the last
+    step of a curriculum epoch can be partial; shuffled ranks fill theirs from the next local epoch."""
+    if not curriculum:
+        return global_batch
+    s = step % steps_per_epoch(n_pairs, global_batch, drop_last)
+    return min(global_batch, n_pairs - s * global_batch)
+
 
 def route_column(table: pa.Table) -> list[str | None]:
     return table.column("route").to_pylist() if "route" in table.column_names else [None] * table.num_rows

@@ -10,7 +10,9 @@ order value among all of them, which the driver computed once), and keeps the ro
 rank. That is exact whatever order the blocks arrive in, keeps 1/W of the rows in each worker's memory, and
 costs one full read per worker, which is small next to training. Rank r's i-th row of step s is position
 s*G + r + i*W, so micro-batch a of every rank together covers the contiguous positions
-s*G + a*B*W .. s*G + (a+1)*B*W - 1: gradient accumulation follows the order too.
+s*G + a*B*W .. s*G + (a+1)*B*W - 1: gradient accumulation follows the order too. The last slice may be
+partial (optim.drop_last false, the default, as the MixDPO authors' HF dataloader): the same rule places its
+rows, and the ranks pad their step with zero-weight rows (batches.LocalSchedule).
 
 Without an order, the usual split applies (each worker reads its own shard) and each rank shuffles its rows
 with a seed per (rank, epoch); every rank runs exactly `total_steps` steps, cycling its rows as needed.
@@ -83,9 +85,12 @@ def order_values(ds: Any) -> np.ndarray | None:
     return values
 
 def curriculum_rows(batches: Iterable[pa.Table], positions: np.ndarray, rank: int, world: int,
-                    global_batch: int) -> pa.Table:
-    """This rank's rows of the curriculum, sorted by position, with a `_pos` column (see the module doc)."""
-    used = (len(positions) // global_batch) * global_batch  # the last partial slice is dropped
+                    global_batch: int, drop_last: bool = True) -> pa.Table:
+    """This rank's rows of the curriculum, sorted by position, with a `_pos` column (see the module doc).
+    With drop_last false the last partial slice is kept: its rows follow the same rule, so a rank may hold
+    fewer of them than a full step (LocalSchedule pads with zero weight)."""
+    n = len(positions)
+    used = (n // global_batch) * global_batch if drop_last else n
     kept = []
     for b in batches:
         pos = np.searchsorted(positions, b.column("order").to_numpy(zero_copy_only=False))
@@ -96,7 +101,8 @@ def curriculum_rows(batches: Iterable[pa.Table], positions: np.ndarray, rank: in
     if not kept:
         raise ValueError(f"rank {rank} received no curriculum rows")
     table = pa.concat_tables(kept).sort_by("_pos")
-    expected = curriculum_positions(used // global_batch, rank, world, global_batch)
+    expected = curriculum_positions(-(-used // global_batch), rank, world, global_batch)
+    expected = expected[expected < used]
     got = table.column("_pos").to_numpy()
     if len(got) != len(expected) or not np.array_equal(got, expected):
         raise RuntimeError(f"rank {rank}: curriculum rows do not match the order ({len(got)} rows, "
@@ -125,8 +131,8 @@ TRAIN_COLUMNS = ("prompt", "chosen", "rejected", "prompt_id", "route", "order", 
                  "ref_rejected_logp", "chosen_tokens", "rejected_tokens")
 
 def local_rows(batches: Iterable[pa.Table], positions: np.ndarray | None, rank: int, world: int,
-               global_batch: int) -> pa.Table:
+               global_batch: int, drop_last: bool = True) -> pa.Table:
     projected = (b.select([c for c in TRAIN_COLUMNS if c in b.column_names]) for b in batches)
     if positions is None:
         return shard_rows(projected)
-    return curriculum_rows(projected, positions, rank, world, global_batch)
+    return curriculum_rows(projected, positions, rank, world, global_batch, drop_last)

@@ -44,7 +44,7 @@ def write_pairs(folder: Path, n: int = N_PAIRS, seed: int = 0) -> pa.Table:
     })
     folder.mkdir(parents=True)
     for k in range(2):
-        pq.write_table(t.slice(k * n // 2, n // 2), folder / f"part-{k}.parquet")
+        pq.write_table(t.slice(k * n // 2, (k + 1) * n // 2 - k * n // 2), folder / f"part-{k}.parquet")
     return t
 
 
@@ -233,11 +233,26 @@ def test_resume_continues_from_the_last_checkpoint(fit_a, fit_b):
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_loads(fit_b):
+def test_fsdp_checkpoint_loads(fit_a, fit_b):
+    """The checkpoints load with from_pretrained and hold the weights training ended with: the digest of the
+    loaded model equals the one the workers took of their live parameters (gathered whole under FSDP, not
+    through the state dict the checkpoint was written from). A checkpoint of another step, of one rank's
+    shard, or under renamed keys (which from_pretrained would initialize afresh) fails here."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(fit_b["summary"]["checkpoint"])
-    assert type(model).__name__ == "LlamaForCausalLM"
+    from pipelines.training.model import param_digest
+
+    digests = []
+    for fit in (fit_b, fit_a):  # FSDP2 (resumed at step 12, ended at 16), then DDP (ended at 12)
+        ckpt = Path(fit["summary"]["checkpoint"])
+        model, info = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, output_loading_info=True)
+        assert type(model).__name__ == "LlamaForCausalLM"
+        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        trained = json.loads((ckpt / "trainer_state.json").read_text())["metrics"]["param_digest"]
+        assert param_digest(model) == trained, ckpt.name
+        digests.append(trained)
+    assert digests[0] != digests[1]  # steps 13..16 moved the weights
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,3 +366,80 @@ def test_mixdpo_refuses_pairs_with_no_sft_route(ray_local, tiny_models, tmp_path
         with pytest.raises(ConfigError, match=f"{why}.*select.margin_tau=0.5.*select.sft_quantile"):
             main(cfg)
         assert not (tmp_path / f"out_{name}" / "pairs_ref").exists()
+
+
+def test_last_partial_curriculum_slice_is_kept_in_order_and_in_lockstep():
+    """21 pairs, 2 ranks x micro 2 x accum 2 = 8 a step: 3 steps, the last with positions 16..20 only.
+    Rank 0 holds 16, 18, 20 of it, rank 1 holds 17, 19; both run 2 micro-batches of 2, padded with weight 0."""
+    from pipelines.training.batches import global_rows, steps_per_epoch
+
+    n, world, g = 21, 2, 8
+    table = pa.table({"prompt_id": [f"r{i}" for i in range(n)], "order": pa.array(range(n), pa.int64())})
+    positions = np.arange(n)
+    assert steps_per_epoch(n, g, drop_last=False) == 3 and steps_per_epoch(n, g, drop_last=True) == 2
+    assert [global_rows(s, n, g, False, True) for s in range(4)] == [8, 8, 5, 8]
+    assert global_rows(2, n, g, False, curriculum=False) == 8
+    seen: dict[tuple[int, int], list[int]] = {}
+    for rank in range(world):
+        rows = curriculum_rows(iter([table]), positions, rank, world, g, drop_last=False)
+        pos = rows.column("_pos").to_numpy()
+        assert pos.tolist() == [p for p in range(n) if (p % g) % world == rank]
+        sched = LocalSchedule(rows.num_rows, micro_batch=2, grad_accum=2, curriculum=True, rank=rank,
+                              steps_per_epoch=3)
+        for step in range(3):
+            for micro in range(2):
+                idx, w = sched.indices(step, micro), sched.weights(step, micro)
+                assert len(idx) == 2 and ((0 <= idx) & (idx < rows.num_rows)).all()  # every rank: full shape
+                seen.setdefault((step, micro), []).extend(pos[idx[w > 0]].tolist())
+        assert sched.weights(2, 1).tolist() == ([1.0, 0.0] if rank == 0 else [0.0, 0.0])
+        assert sched.indices(3, 0).tolist() == sched.indices(0, 0).tolist()  # the next epoch starts over
+    for (step, micro), got in seen.items():  # each micro-batch of all ranks: the next contiguous block
+        start = step * g + micro * 4
+        assert sorted(got) == list(range(start, min(start + 4, n)))
+    # drop_last keeps the old behaviour: the partial slice is not placed at all.
+    dropped = curriculum_rows(iter([table]), positions, 0, world, g, drop_last=True)
+    assert dropped.column("_pos").to_pylist() == [0, 2, 4, 6, 8, 10, 12, 14]
+
+
+def test_weighted_step_metrics_leave_out_padding():
+    import torch
+
+    from pipelines.training.metrics import StepMetrics
+
+    acc = StepMetrics()
+    acc.add(torch.tensor([1.0, 3.0]), {"sft_fraction": torch.tensor([1.0, 0.0])}, 10)
+    acc.add(torch.tensor([5.0, 100.0]), {"sft_fraction": torch.tensor([1.0, 1.0])}, 4, torch.tensor([1.0, 0.0]))
+    means, count, tokens = acc.reduce(torch.device("cpu"))
+    assert count == 3 and tokens == 14
+    assert means["loss"] == pytest.approx(3.0) and means["sft_fraction"] == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def fit_d(ray_local, tiny_models, work):
+    """A curriculum of 21 pairs (3 steps of 8, the last partial), 2 DDP workers, one epoch, warmup_ratio."""
+    pairs = write_pairs(work / "d_in" / "pairs", n=21, seed=1)
+    cfg = config(run={"name": "d"}, input={"path": str(work / "d_in")}, output={"dir": str(work / "out_d")},
+                 model={"policy": tiny_models["policy"]},
+                 optim={"max_steps": None, "epochs": 1.0, "per_device_batch_size": 2, "grad_accum": 2,
+                        "warmup_ratio": 0.5}, checkpoint={"every_n_steps": 0})
+    return {"summary": main(cfg), "pairs": pairs, "out": work / "out_d"}
+
+
+@pytest.mark.slow
+def test_partial_last_step_trains_every_pair_in_order(fit_d):
+    out = fit_d["out"]
+    assert fit_d["summary"]["steps"] == 3 and fit_d["summary"]["final_metrics"]["params_in_sync"] is True
+    rows = read_jsonl(out / "train" / "metrics.jsonl")
+    assert [r["pairs"] for r in rows] == [8, 8, 5]  # the last step's metrics count its 5 real rows only
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(0.5e-3)  # warmup ceil(0.5 * 3) = 2 steps
+    order_of = dict(zip(fit_d["pairs"].column("prompt_id").to_pylist(), fit_d["pairs"].column("order").to_pylist(),
+                        strict=True))
+    logs = [r for rank in range(WORKERS) for r in read_jsonl(out / "train" / "batches" / f"rank{rank}.jsonl")]
+    assert sorted((r["rank"], r["step"], r["micro"]) for r in logs) == \
+        sorted((k, s, m) for k in range(WORKERS) for s in (1, 2, 3) for m in range(2))  # lockstep
+    trained = sorted(p for r in logs for p in r["pos"])
+    assert trained == list(range(21))  # every pair once, the hardest (last) ones included
+    for r in logs:
+        assert [order_of[i] for i in r["ids"]] == r["pos"]
+        assert r["padded"] == (2 - len(r["pos"]))
+    assert sum(r["padded"] for r in logs) == 3

@@ -1,0 +1,258 @@
+"""`prefsift simulate-adaptive`: how much of the full-K PVar selection adaptive sampling keeps, and at what share
+of the samples, replayed over rated data with many responses per prompt.
+
+    prefsift simulate-adaptive --input rated.jsonl.gz [--config FILE] [key.sub=value ...]
+    prefsift simulate-adaptive --input rated.jsonl.gz adaptive.rule=ucb adaptive.z=1.5 repeats=50
+
+A prompt's rated responses stand for the K samples a generator would draw. Each repeat shuffles every prompt's
+responses (its draw order), replays the rounds of `operators.adaptive` over them, selects the top `fraction`
+by the PVar estimate on what was drawn, and compares with the top `fraction` by the PVar over all responses.
+`recall_even` spends the same number of samples spread evenly over the prompts. No Ray: this is numpy.
+
+Settings: the grid below, in which every `adaptive.<key>` given (in the config or as an override) pins that
+key. Output: a table, then one JSON line per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from operators.adaptive import (
+    RULE_PARAM,
+    AdaptiveCfg,
+    check_cfg,
+    decide,
+    first_draws,
+    next_draws,
+    pvar_estimates,
+)
+from operators.select import Budget, rank_by, tiebreak
+from pipelines.runtime.config import ConfigError, apply_overrides, from_dict, load_yaml
+
+
+@dataclass(frozen=True)
+class GridCfg:
+    """Values tried for each adaptive key that the config does not pin; `keep` is the rank rule's, `z` ucb's."""
+
+    k0: list[int] = field(default_factory=lambda: [4])
+    step: list[int] = field(default_factory=lambda: [2, 4])
+    rule: list[str] = field(default_factory=lambda: ["rank", "ucb"])
+    keep: list[float] = field(default_factory=lambda: [0.7, 0.5])
+    z: list[float] = field(default_factory=lambda: [1.0, 0.5])
+
+
+@dataclass(frozen=True)
+class SimulateCfg:
+    repeats: int = 20  # random draw orders per setting
+    seed: int = 0
+    adaptive: AdaptiveCfg = field(default_factory=AdaptiveCfg)
+    grid: GridCfg = field(default_factory=GridCfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rewards from rated JSONL
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rewards:
+    prompt_ids: list[str]
+    matrix: np.ndarray  # [prompts, most responses] valid rewards first, NaN padding
+    counts: np.ndarray  # valid rewards per prompt
+    skipped: Counter  # reason -> count, lines (whole prompts) and responses set aside
+
+
+def _valid(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_rewards(path: str) -> Rewards:
+    """Each line's `prompt_id` and its responses' `overall`; a bad line or a prompt with fewer than 2 valid
+    rewards is skipped and a response without a finite `overall` left out, each counted by reason."""
+    opener = gzip.open if path.endswith(".gz") else open
+    ids, lists, skipped = [], [], Counter()
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                skipped["prompt: invalid_json"] += 1
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("responses"), list):
+                skipped["prompt: no_responses_list"] += 1
+                continue
+            vals = [r.get("overall") if isinstance(r, dict) else None for r in row["responses"]]
+            good = [float(v) for v in vals if _valid(v)]
+            if len(good) < len(vals):
+                skipped["response: no_finite_overall"] += len(vals) - len(good)
+            if len(good) < 2:
+                skipped["prompt: fewer_than_2_valid_rewards"] += 1
+                continue
+            ids.append(str(row.get("prompt_id", len(ids))))
+            lists.append(good)
+    counts = np.array([len(v) for v in lists], dtype=np.int64)
+    matrix = np.full((len(lists), int(counts.max(initial=2))), np.nan)
+    for g, v in enumerate(lists):
+        matrix[g, :len(v)] = v
+    return Rewards(ids, matrix, counts, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replay
+# ----------------------------------------------------------------------------------------------------------
+
+
+def draw_order(data: Rewards, rng: np.random.Generator) -> np.ndarray:
+    """Each prompt's valid rewards in a random order (the order a generator would have drawn them)."""
+    keys = np.where(np.isfinite(data.matrix), rng.random(data.matrix.shape), np.inf)
+    return np.take_along_axis(data.matrix, np.argsort(keys, axis=1), axis=1)
+
+
+def first_n(order: np.ndarray, n: np.ndarray) -> np.ndarray:
+    width = max(int(n.max(initial=0)), 1)
+    return np.where(np.arange(width)[None, :] < n[:, None], order[:, :width], np.nan)
+
+
+def replay(order: np.ndarray, counts: np.ndarray, cfg: AdaptiveCfg) -> tuple[np.ndarray, int]:
+    """Samples drawn per prompt when the rounds run over `order`, and the number of rounds."""
+    cap = counts if cfg.k_max is None else np.minimum(counts, cfg.k_max)
+    n = first_draws(cap, cfg)
+    active = np.ones(counts.size, dtype=bool)
+    rounds = 1
+    while True:
+        go = decide(first_n(order, n), n, active, cfg, k_max=cap)
+        if not go.any():
+            return n, rounds
+        n, active, rounds = n + next_draws(n, go, cfg, cap), go, rounds + 1
+
+
+def even_counts(budget: int, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`budget` samples spread evenly: each prompt gets budget // prompts, a random few one more."""
+    G = counts.size
+    n = np.full(G, budget // G, dtype=np.int64)
+    n[rng.permutation(G)[:budget - n.sum()]] += 1
+    return np.minimum(n, counts)
+
+
+def top_set(estimates: np.ndarray, tb: np.ndarray, k: int) -> np.ndarray:
+    return rank_by(estimates, tb, descending=True) < k
+
+
+def simulate(data: Rewards, cfg: AdaptiveCfg, repeats: int, seed: int) -> dict:
+    """Mean recall and sample share over `repeats` draw orders, and the recall of the same budget spent evenly.
+
+    `recall` counts a selected prompt as a hit when its full-K PVar is at least the reference set's lowest,
+    so that which of several tied prompts made the reference does not count; `recall_strict` is the overlap
+    with the reference set itself (ties broken by pvar_top's hash)."""
+    G = data.counts.size
+    k = Budget(fraction=cfg.fraction).size(G)
+    tb = tiebreak(data.prompt_ids, 0)
+    full = pvar_estimates(data.matrix, cfg.tau)
+    ref = top_set(full, tb, k)
+    floor = full[ref].min()
+    out = {key: [] for key in ("recall", "recall_strict", "sample_share", "recall_even", "rounds")}
+    for r in range(repeats):
+        rng = np.random.default_rng([seed, r])
+        order = draw_order(data, rng)
+        n, rounds = replay(order, data.counts, cfg)
+        sel = top_set(pvar_estimates(first_n(order, n), cfg.tau), tb, k)
+        even = top_set(pvar_estimates(first_n(order, even_counts(int(n.sum()), data.counts, rng)), cfg.tau), tb, k)
+        out["recall"].append(float((full[sel] >= floor).sum() / k))
+        out["recall_strict"].append(float((sel & ref).sum() / k))
+        out["recall_even"].append(float((full[even] >= floor).sum() / k))
+        out["sample_share"].append(float(n.sum() / data.counts.sum()))
+        out["rounds"].append(rounds)
+    res = {key: round(float(np.mean(v)), 4) for key, v in out.items()}
+    res["recall_sd"] = round(float(np.std(out["recall"])), 4)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings, output, CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+def settings(cfg: SimulateCfg, pinned: set[str]) -> list[AdaptiveCfg]:
+    """The grid, each pinned adaptive key held at the config's value; `keep` varies only for rank, `z` only
+    for ucb."""
+    def values(key: str) -> list:
+        return [getattr(cfg.adaptive, key)] if key in pinned else list(getattr(cfg.grid, key))
+
+    out = []
+    for rule in values("rule"):
+        key = RULE_PARAM.get(rule)
+        for k0 in values("k0"):
+            for step in values("step"):
+                for v in values(key) if key else [None]:
+                    extra = {key: v} if key else {}
+                    out.append(dataclasses.replace(cfg.adaptive, rule=rule, k0=k0, step=step, **extra))
+    return out
+
+
+def describe(s: AdaptiveCfg) -> str:
+    key = RULE_PARAM.get(s.rule)
+    return f"{s.rule} {key}={getattr(s, key):g}" if key else s.rule
+
+
+def run(path: str, cfg: SimulateCfg, pinned: set[str]) -> list[dict]:
+    data = read_rewards(path)
+    if data.counts.size == 0:
+        raise ValueError(f"{path}: no prompt with at least 2 valid rewards ({dict(data.skipped)})")
+    skipped = ", ".join(f"{v} {k}" for k, v in sorted(data.skipped.items())) or "none"
+    print(f"# {os.path.basename(path)}: {data.counts.size} prompts, {int(data.counts.sum())} rated responses "
+          f"({data.counts.min()}-{data.counts.max()} per prompt); skipped: {skipped}")
+    print(f"# {cfg.repeats} draw orders per setting, seed {cfg.seed}")
+    rows = []
+    for s in settings(cfg, pinned):
+        check_cfg(s)
+        res = simulate(data, s, cfg.repeats, cfg.seed)
+        rows.append({"data": os.path.basename(path), "prompts": int(data.counts.size), "rule": s.rule,
+                     "k0": s.k0, "step": s.step, "k_max": s.k_max, "keep": s.keep, "z": s.z,
+                     "fraction": s.fraction, "tau": s.tau, "repeats": cfg.repeats, **res})
+    head = f"{'rule':<16} {'k0':>3} {'step':>4} {'share':>6} {'recall':>7} {'sd':>6} {'strict':>7} " \
+           f"{'even':>6} {'rounds':>6}"
+    print(head)
+    for r in rows:
+        print(f"{describe(AdaptiveCfg(rule=r['rule'], keep=r['keep'], z=r['z'])):<16} {r['k0']:>3} "
+              f"{r['step']:>4} {r['sample_share']:>6.3f} {r['recall']:>7.3f} {r['recall_sd']:>6.3f} "
+              f"{r['recall_strict']:>7.3f} {r['recall_even']:>6.3f} {r['rounds']:>6.1f}")
+    for r in rows:
+        print(json.dumps(r))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="prefsift simulate-adaptive", description=__doc__.strip().splitlines()[0],
+                                 epilog="overrides: key.sub=value, e.g. adaptive.rule=ucb adaptive.z=1 repeats=50")
+    ap.add_argument("--input", required=True, help="rated JSONL(.gz): {prompt_id, responses: [{overall}]}")
+    ap.add_argument("--config", help="YAML config file (a SimulateCfg mapping)")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        data = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
+        cfg = from_dict(SimulateCfg, data)
+        if cfg.repeats < 1:
+            raise ConfigError(f"repeats: {cfg.repeats} is not allowed (at least 1)")
+        if not os.path.isfile(args.input):
+            raise FileNotFoundError(f"--input: {args.input} is not a file")
+        run(args.input, cfg, set(data.get("adaptive") or {}))
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@
     prefsift run      --config pipelines/configs/demo_cpu.yaml [--dry-run]
     prefsift report   runs/real
     prefsift compare  runs/real --rules pvar_top,random,margin_curriculum,pd_consensus
+    prefsift simulate-adaptive --input rated.jsonl.gz adaptive.rule=ucb
 
 `--dry-run` prints the resolved config, the stage plan with each stage's resources and the tokens to be
 generated, then exits without starting Ray. A config mistake is one line naming the key, the bad value and
@@ -44,6 +45,7 @@ COMMANDS = {
     "run": "curate -> train -> evaluate -> report in one run folder",
     "report": "(re)write a run folder's report/index.html",
     "compare": "several selection rules side by side on a run's statistics",
+    "simulate-adaptive": "adaptive sampling replayed over rated data: recall of the PVar selection vs samples",
 }
 
 
@@ -338,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefsift: unknown command {cmd!r}{hint} (choose one of {', '.join(COMMANDS)})",
               file=sys.stderr)
         return 2
+    if cmd == "simulate-adaptive":
+        return importlib.import_module("pipelines.tools.simulate_adaptive").main(rest)
     if cmd in ("report", "compare"):
         return importlib.import_module(f"pipelines.reporting.{cmd}").main(rest)
     return config_command(cmd, rest)

@@ -190,6 +190,7 @@ def main(cfg: CurateConfig) -> dict:
 
 
 if __name__ == "__main__":
-    from pipelines.runtime.config import cli
+    # The same path as `prefsift curate`: the same checks before Ray, the same one-line errors, the same summary.
+    from pipelines.tools.cli import main as prefsift
 
-    sys.exit(cli(CurateConfig, main, __doc__, sys.argv[1:], finish=lambda c: c.output.dir))
+    sys.exit(prefsift(["curate", *sys.argv[1:]]))

@@ -156,6 +156,7 @@ def _score_resources(sc):
 
 
 if __name__ == "__main__":
-    from pipelines.runtime.config import cli
+    # The same path as `prefsift evaluate`: the same checks before Ray, the same one-line errors, the same summary.
+    from pipelines.tools.cli import main as prefsift
 
-    sys.exit(cli(EvaluateConfig, main, __doc__, sys.argv[1:], finish=lambda c: c.output.dir))
+    sys.exit(prefsift(["evaluate", *sys.argv[1:]]))

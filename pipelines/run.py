@@ -66,6 +66,7 @@ def main(cfg: RunConfig) -> dict:
 
 
 if __name__ == "__main__":
-    from pipelines.runtime.config import cli
+    # The same path as `prefsift run`: the same checks before Ray, the same one-line errors, the same summary.
+    from pipelines.tools.cli import main as prefsift
 
-    sys.exit(cli(RunConfig, main, __doc__, sys.argv[1:]))
+    sys.exit(prefsift(["run", *sys.argv[1:]]))

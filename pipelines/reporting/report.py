@@ -524,4 +524,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.runtime.entry import run_cli
+
+    sys.exit(run_cli(main))

@@ -341,31 +341,3 @@ def model_path(path: str, key: str) -> str:
     if HUB_ID.match(path):
         return path
     raise FileNotFoundError(f"{key}: model path does not exist: {path}")
-
-
-def cli(cls: type[T], main, doc: str | None, argv: list[str], finish=None) -> int:
-    """`--config FILE [key.sub=value ...]`: parse, run `main(cfg)`, and turn config mistakes into one clear line.
-
-    `finish(cfg) -> run_dir` names the run folder whose report and summary table end the run.
-    """
-    import argparse
-
-    ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None,
-                                 epilog="overrides: key.sub=value (YAML values), e.g. select.fraction=0.1")
-    ap.add_argument("--config", required=False, help="YAML config file")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(cls, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", flush=True)
-        return 2
-    main(cfg)
-    if finish is not None:
-        from pipelines.reporting.report import print_summary, write_report
-
-        run_dir = finish(cfg)
-        path = write_report(run_dir)
-        print_summary(run_dir)
-        print(f"[prefsift] report:     {path}", flush=True)
-    return 0

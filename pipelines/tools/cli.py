@@ -36,6 +36,7 @@ from pipelines.runtime.config import (
     resolve_path,
     to_dict,
 )
+from pipelines.runtime.entry import run_cli
 
 COMMANDS = {
     "curate": "read -> (generate -> score | ingest) -> stats -> selection -> pairs",
@@ -47,11 +48,6 @@ COMMANDS = {
     "compare": "several selection rules side by side on a run's statistics",
     "simulate-adaptive": "adaptive sampling replayed over rated data: recall of the PVar selection vs samples",
 }
-
-
-def _fail(msg: str) -> int:
-    print(f"config error: {msg}", file=sys.stderr, flush=True)
-    return 2
 
 
 def check_curate(cfg: CurateConfig) -> None:
@@ -275,42 +271,34 @@ def config_command(name: str, argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = ap.parse_args(argv)
 
-    from operators.base import InputError
-    from operators.select import SelectionError
+    # Everything that can be checked without Ray is checked here, so that a mistake neither starts Ray nor
+    # leaves an empty run folder. Errors are printed by pipelines.runtime.entry, one way for every entry point.
+    if name in ("curate", "select"):
+        cfg = load_config(CurateConfig, args.config, args.overrides)
+        check_curate(cfg)
+        marker = os.path.join(cfg.output.dir, "stats", "_SUCCESS")
+        if name == "select" and "://" not in marker and not os.path.exists(marker):
+            raise FileNotFoundError(f"{cfg.output.dir} has no complete stats/ stage; "
+                                    "run `prefsift curate` first")
+    elif name == "run":
+        from pipelines.run import RunConfig  # lazily: it imports the training stack
 
-    try:
-        if name in ("curate", "select"):
-            cfg = load_config(CurateConfig, args.config, args.overrides)
-            check_curate(cfg)
-            marker = os.path.join(cfg.output.dir, "stats", "_SUCCESS")
-            if name == "select" and "://" not in marker and not os.path.exists(marker):
-                # checked here so that a typo in output.dir neither starts Ray nor leaves an empty folder
-                raise FileNotFoundError(f"{cfg.output.dir} has no complete stats/ stage; "
-                                        "run `prefsift curate` first")
-        elif name == "run":
-            from pipelines.run import RunConfig  # lazily: it imports the training stack
+        cfg = load_config(RunConfig, args.config, args.overrides)
+        check_curate(cfg.curate)
+    elif name == "train":
+        from pipelines import train_dpo
 
-            cfg = load_config(RunConfig, args.config, args.overrides)
-            check_curate(cfg.curate)
-        elif name == "train":
-            from pipelines import train_dpo
+        cfg = load_config(train_dpo.TrainConfig, args.config, args.overrides)
+        train_dpo.validate(cfg)
+    else:
+        from pipelines.evaluate import EvaluateConfig
 
-            cfg = load_config(train_dpo.TrainConfig, args.config, args.overrides)
-            train_dpo.validate(cfg)
-        else:
-            from pipelines.evaluate import EvaluateConfig
-
-            cfg = load_config(EvaluateConfig, args.config, args.overrides)
-        if getattr(args, "dry_run", False):
-            (dry_run_curate if name == "curate" else dry_run_run)(cfg)
-            return 0
-        module = importlib.import_module(f"pipelines.{'train_dpo' if name == 'train' else name}")
-        module.main(cfg)
-    except ConfigError as e:
-        return _fail(str(e))
-    except (InputError, SelectionError, FileNotFoundError) as e:  # a wrong path: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    if getattr(args, "dry_run", False):
+        (dry_run_curate if name == "curate" else dry_run_run)(cfg)
+        return 0
+    module = importlib.import_module(f"pipelines.{'train_dpo' if name == 'train' else name}")
+    module.main(cfg)
     if name == "run":
         if not cfg.report:  # with report on, pipelines.run prints the summary and report itself
             from pipelines.reporting.report import print_summary
@@ -328,8 +316,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
@@ -345,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("report", "compare"):
         return importlib.import_module(f"pipelines.reporting.{cmd}").main(rest)
     return config_command(cmd, rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script, and what each `python -m pipelines.<recipe>` runs: one way to end on an error."""
+    return run_cli(dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

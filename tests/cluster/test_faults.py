@@ -150,24 +150,48 @@ def test_killed_generation_and_scoring_actors_lose_and_duplicate_nothing(ray_loc
 # ----------------------------------------------------------------------------------------------------------
 
 
+def stage_in_progress(run: Path, stage: str) -> list[str] | None:
+    """The stage's output files while it is being written, None otherwise. Written means its folder exists
+    (`<stage>/`, or `<stage>.tmp/` under the older rename commit) and `<stage>/_SUCCESS`, which the driver
+    writes last, does not."""
+    if (run / stage / "_SUCCESS").exists():
+        return None
+    for folder in (run / stage, run / f"{stage}.tmp"):
+        try:
+            return sorted(str(p.relative_to(run)) for p in folder.iterdir())
+        except FileNotFoundError:
+            continue
+    return None
+
+
 class StageWatcher(threading.Thread):
-    """Reads a curation driver's output; SIGKILLs the driver shortly after `stage <kill_in>: running`."""
+    """SIGKILLs a curation driver as soon as it is writing the stage `kill_in`, seen on disk (polled, with
+    a bounded wait): a sleep after a log line would be wrong on a machine fast enough to finish the stage
+    first. `seen` is what the stage folder held at the kill. The driver's output is collected meanwhile."""
 
-    def __init__(self, proc, after: str, kill_in: str, delay_s: float = 1.5):
+    def __init__(self, proc, run: Path, kill_in: str, timeout_s: float = 600):
         super().__init__(daemon=True)
-        self.proc, self.after, self.kill_in, self.delay_s = proc, after, kill_in, delay_s
+        self.proc, self.run_dir, self.kill_in, self.timeout_s = proc, run, kill_in, timeout_s
         self.lines: list[str] = []
+        self.seen: list[str] | None = None
         self.killed = threading.Event()
+        self.reader = threading.Thread(target=self.read, daemon=True)
 
-    def run(self) -> None:
-        ready = False
+    def read(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
-            ready = ready or (f"stage {self.after}:" in line and " out" in line)
-            if ready and f"stage {self.kill_in}: running" in line and not self.killed.is_set():
-                time.sleep(self.delay_s)  # let the stage's tasks get going: the kill lands mid-stage
+
+    def run(self) -> None:
+        self.reader.start()
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            seen = stage_in_progress(self.run_dir, self.kill_in)
+            if seen is not None:
                 self.proc.send_signal(signal.SIGKILL)
+                self.seen = seen
                 self.killed.set()
+                return
+            time.sleep(0.02)
 
 
 def _success_mtimes(run: Path) -> dict[str, int]:
@@ -182,16 +206,21 @@ def test_killed_driver_rerun_skips_completed_stages_and_equals_uninterrupted_run
     try:
         driver = first.popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-        watcher = StageWatcher(driver, after="scored", kill_in="stats")
+        watcher = StageWatcher(driver, run, kill_in="stats")
         watcher.start()
         # The uninterrupted reference runs meanwhile in this process (shared with test_multinode).
         reference = request.getfixturevalue("rated_reference")
         driver.wait(timeout=600)
+        watcher.reader.join(timeout=30)
         assert watcher.killed.is_set(), "".join(watcher.lines)[-4000:]
         assert driver.returncode == -signal.SIGKILL
+        # Only the driver writes _SUCCESS, so with the driver dead the marker's absence now means the kill
+        # landed before the commit: stats/ was incomplete, and the rerun has a partial folder to deal with.
+        assert stage_in_progress(run, "stats") is not None, (watcher.seen, "".join(watcher.lines)[-3000:])
+        print(f"[fault] at the kill the stats folder held {watcher.seen}")
         # The driver's embedded Ray (GCS, raylet, workers) may outlive a SIGKILLed driver; end it.
         orphans = first.members()
-        print(f"[fault] driver SIGKILLed in stage stats; {len(orphans)} of its Ray processes outlived it")
+        print(f"[fault] driver SIGKILLed while writing stats; {len(orphans)} of its Ray processes outlived it")
         leftovers = first.stop()
         assert not leftovers, leftovers
 

@@ -47,6 +47,7 @@ COMMANDS = {
     "report": "(re)write a run folder's report/index.html",
     "compare": "several selection rules side by side on a run's statistics",
     "simulate-adaptive": "adaptive sampling replayed over rated data: recall of the PVar selection vs samples",
+    "audit": "per-prompt DPO gradient norm against PVar at a policy (the PVar paper's bound), with a plot",
 }
 
 
@@ -329,6 +330,8 @@ def dispatch(argv: list[str]) -> int:
         return 2
     if cmd == "simulate-adaptive":
         return importlib.import_module("pipelines.tools.simulate_adaptive").main(rest)
+    if cmd == "audit":
+        return importlib.import_module("pipelines.audit").cli(rest)
     if cmd in ("report", "compare"):
         return importlib.import_module(f"pipelines.reporting.{cmd}").main(rest)
     return config_command(cmd, rest)

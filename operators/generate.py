@@ -7,7 +7,7 @@ global RNG, so the HF backend runs greedy decoding on Gumbel-perturbed logits in
 G drawn from a per-row `torch.Generator`, is an exact sample from softmax(l/T) (the Gumbel-max trick).
 
 Both backends see the same prompt token ids (the HF tokenizer's chat template) and decode the same way, and
-return identical columns and dtypes (`OUTPUT_TYPES`).
+return identical columns and dtypes (`RESPONSES_TYPE`).
 """
 
 from __future__ import annotations
@@ -21,14 +21,18 @@ import pyarrow as pa
 
 from operators.base import QUARANTINE, Operator, Resources, with_quarantine
 
-OUTPUT_TYPES: dict[str, pa.DataType] = {
-    "sample_idx": pa.int64(),
-    "response": pa.string(),
-    "num_tokens": pa.int64(),  # generated token ids, counting the eos that ended a "stop" sample
-    "finish_reason": pa.string(),  # "stop" (an eos token) or "length" (max_tokens or the context is full)
-    "seed": pa.int64(),
-    "generator": pa.string(),  # "<backend>:<model>"
-}
+# One struct per sample inside the prompt row's `responses` list (DESIGN.md, "Stages and their data").
+RESPONSE_TYPE = pa.struct([
+    ("text", pa.string()),
+    ("sample_idx", pa.int64()),
+    ("num_tokens", pa.int64()),  # generated token ids, counting the eos that ended a "stop" sample
+    ("finish_reason", pa.string()),  # "stop" (an eos token) or "length" (max_tokens or the context is full)
+    ("seed", pa.int64()),
+    ("generator", pa.string()),  # "<backend>:<model>"
+])
+RESPONSES_TYPE = pa.list_(RESPONSE_TYPE)
+
+
 @dataclass(frozen=True)
 class GenerateCfg:
     backend: Literal["hf", "vllm"] = "hf"
@@ -92,10 +96,12 @@ def prompt_token_ids(tokenizer, conv: list[dict[str, str]]) -> list[int]:
     A tokenizer without a chat template (a base model) reads the turns' contents joined by newlines, with
     the special tokens it adds itself (usually a bos).
     """
+    # verbose=False: a prompt past the model's length is measured here to be quarantined (prompt_too_long), so
+    # the tokenizer's warning that running it "will result in indexing errors" does not apply.
     if not getattr(tokenizer, "chat_template", None):
-        return list(tokenizer("\n".join(m["content"] for m in conv))["input_ids"])
+        return list(tokenizer("\n".join(m["content"] for m in conv), verbose=False)["input_ids"])
     text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def trim_completion(tokens: list[int], stop_ids: set[int], cap: int) -> tuple[list[int], str]:
@@ -312,13 +318,25 @@ def _check_cfg(cfg: GenerateCfg) -> None:
         raise ValueError("; ".join(problems))
 
 
+@dataclass
+class Plan:
+    """What one batch asks of the engine: K requests per served prompt row, and a reason for each row it
+    cannot serve. Built from the batch alone (templating, tokenizing), so it can run while the engine works
+    on other batches."""
+
+    reasons: list[str | None]  # per input row; None for a served row or one quarantined upstream
+    served: list[int]  # input rows that get K samples, in order
+    requests: list[Request]  # K per served row, row-major
+
+
 class Generator(Operator):
-    """K rows per prompt (all input columns carried); a prompt too long for the context is quarantined."""
+    """One row per prompt in and out: all input columns, plus `responses`, K sample structs. A prompt the
+    engine cannot serve (missing, too long for the context) is quarantined as a whole row."""
 
     name = "generate"
     requires = ("prompt_id",)
     requires_any = (("prompt", "messages"),)
-    adds = tuple(OUTPUT_TYPES)
+    adds = ("responses",)
 
     def __init__(self, cfg: GenerateCfg, seed: int):
         from transformers import AutoTokenizer
@@ -338,62 +356,48 @@ class Generator(Operator):
             self.backend.close()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        k = self.cfg.num_samples
-        ids = [str(p) for p in batch.column("prompt_id").to_pylist()]
-        prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * len(ids)
-        messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * len(ids)
-        # A row set aside upstream (in the same stage) keeps its reason and costs no generation.
-        upstream = (batch.column(QUARANTINE).to_pylist() if QUARANTINE in batch.column_names
-                    else [None] * len(ids))
+        plan = self.plan(batch)
+        done = self.backend.generate(plan.requests, self.cfg.temperature, self.cfg.top_p) if plan.requests else []
+        return self.assemble(batch, plan, done)
 
-        take: list[int] = []  # input row of each output row
-        sample_idx: list[int | None] = []
-        reasons: list[str | None] = []
-        requests: list[Request] = []
+    def plan(self, batch: pa.Table) -> Plan:
+        k = self.cfg.num_samples
+        n = batch.num_rows
+        ids = [str(p) for p in batch.column("prompt_id").to_pylist()]
+        prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * n
+        messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
+        # A row set aside upstream (in the same stage) keeps its reason and costs no generation.
+        upstream = batch.column(QUARANTINE).to_pylist() if QUARANTINE in batch.column_names else [None] * n
+        plan = Plan(reasons=[None] * n, served=[], requests=[])
         for row, (pid, prompt, msgs, earlier) in enumerate(zip(ids, prompts, messages, upstream, strict=True)):
             if earlier is not None:
-                take.append(row)
-                sample_idx.append(None)
-                reasons.append(None)  # with_quarantine keeps the existing reason
-                continue
+                continue  # with_quarantine keeps the existing reason
             conv = conversation(prompt, msgs)
             tokens = prompt_token_ids(self.tokenizer, conv) if conv is not None else None
             if tokens is None or len(tokens) >= self.cfg.max_model_len:
-                # One row, added columns null: the stage runner counts good rows / K as prompts.
-                take.append(row)
-                sample_idx.append(None)
-                reasons.append("missing_prompt" if tokens is None else "prompt_too_long")
+                plan.reasons[row] = "missing_prompt" if tokens is None else "prompt_too_long"
                 continue
             cap = min(self.cfg.max_tokens, self.cfg.max_model_len - len(tokens))
-            for j in range(k):
-                take.append(row)
-                sample_idx.append(j)
-                reasons.append(None)
-                requests.append(Request(tokens, sample_seed(self.seed, pid, j), cap))
+            plan.served.append(row)
+            plan.requests += [Request(tokens, sample_seed(self.seed, pid, j), cap) for j in range(k)]
+        return plan
 
-        done = self.backend.generate(requests, self.cfg.temperature, self.cfg.top_p) if requests else []
-        results = iter(done)
-        cols: dict[str, list[Any]] = {name: [] for name in OUTPUT_TYPES}
-        req = iter(requests)
-        for j in sample_idx:
-            if j is None:
-                for name in cols:
-                    cols[name].append(None)
-                continue
-            tokens, finish = next(results)
-            cols["sample_idx"].append(j)
-            cols["response"].append(self.tokenizer.decode(tokens, skip_special_tokens=True))
-            cols["num_tokens"].append(len(tokens))
-            cols["finish_reason"].append(finish)
-            cols["seed"].append(next(req).seed)
-            cols["generator"].append(self.generator_name)
-
-        out = batch.drop_columns([c for c in OUTPUT_TYPES if c in batch.column_names])
-        out = out.take(pa.array(take, type=pa.int64()))
-        for name, typ in OUTPUT_TYPES.items():
-            out = out.append_column(name, pa.array(cols[name], type=typ))
+    def assemble(self, batch: pa.Table, plan: Plan, done: list[tuple[list[int], str]]) -> pa.Table:
+        """The batch with `responses` set: K structs per served row (decoded text), null elsewhere."""
+        k = self.cfg.num_samples
+        texts = self.tokenizer.batch_decode([tokens for tokens, _ in done], skip_special_tokens=True)
+        responses: list[list[dict[str, Any]] | None] = [None] * batch.num_rows
+        for i, row in enumerate(plan.served):
+            responses[row] = [
+                {"text": texts[i * k + j], "sample_idx": j, "num_tokens": len(done[i * k + j][0]),
+                 "finish_reason": done[i * k + j][1], "seed": plan.requests[i * k + j].seed,
+                 "generator": self.generator_name}
+                for j in range(k)
+            ]
+        out = batch.drop_columns([c for c in ("responses",) if c in batch.column_names])
+        out = out.append_column("responses", pa.array(responses, type=RESPONSES_TYPE))
         # Always present (all null when nothing was set aside), so every batch has the same schema.
-        return with_quarantine(out, reasons)
+        return with_quarantine(out, plan.reasons)
 
 
 def vllm_is_cpu_build() -> bool:

@@ -1,13 +1,18 @@
-"""Score: reward-model scores per response, as one scalar `reward` or several `reward__<aspect>` columns.
+"""Score: reward-model scores for every response of a prompt row, written into each response struct.
+
+A row is one prompt with its `responses` list (DESIGN.md, "Stages and their data"). The scorer flattens
+the batch's responses, sorts them by length into micro-batches (padding stays within similar lengths),
+scores them, and nests the results back: each struct gains `overall`, `len` and, with aspects,
+`scores` {aspect: value}; `problem` is null or why that response has no score.
 
 Models and aspects:
 * a model with several outputs scores one aspect per output, named by `RewardModelCfg.aspects` or else by
   its `config.id2label`;
 * a 1-output model named with one aspect (`aspects: [helpfulness]`) scores that aspect, so several
   single-aspect models make one multi-aspect scorer;
-* a single 1-output model with no aspect name is a scalar reward model: `reward` is its output and there
-  are no aspect columns.
-With aspects, `reward` is their mean (`score.overall: mean`) or the one aspect `score.overall` names.
+* a single 1-output model with no aspect name is a scalar reward model: `overall` is its output and there
+  is no `scores` struct.
+With aspects, `overall` is their mean (`score.overall: mean`) or the one aspect `score.overall` names.
 
 The text a reward model reads is its own chat template applied to [user prompt (or the prompt messages),
 assistant response]; a tokenizer without a template reads `prompt + "\\n" + response`. A text longer than
@@ -15,7 +20,7 @@ assistant response]; a tokenizer without a template reads `prompt + "\\n" + resp
 and the end holds the response's last words and the template's closing tokens, which the score is trained
 on; cutting the end instead would score an arbitrary point mid-response.
 
-`response_len` is len(response) in characters, the definition ingested data uses too (operators.ingest).
+`len` is len(text) in characters, the definition ingested data uses too (operators.ingest).
 """
 
 from __future__ import annotations
@@ -27,9 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.base import Operator, Resources, with_quarantine
+from operators.base import QUARANTINE, Operator, Resources, with_quarantine
 from operators.generate import conversation
-from operators.stats import ASPECT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class ScoreCfg:
     models: list[RewardModelCfg] = field(default_factory=list)
     # How `reward` is formed from aspects: `mean` of all aspects, or the name of one aspect.
     overall: str = "mean"
-    batch_size: int = 64  # rows per map_batches call
+    batch_size: int = 64  # prompt rows per map_batches call, each with its K responses
     micro_batch_size: int = 16  # rows per forward pass, after sorting by length
     max_length: int = 1024
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -171,13 +175,32 @@ def _load(path: str, cfg_aspects: list[str] | None, cfg: ScoreCfg) -> _Model:
     return _Model(path, model, tokenizer, aspects, int(pad))
 
 
+def flatten_responses(responses: pa.Array) -> tuple[pa.StructArray, np.ndarray, np.ndarray]:
+    """A list<struct> column -> (every response struct, its row, list offsets from 0); null lists hold none."""
+    lengths = np.asarray(pc.fill_null(pc.list_value_length(responses), 0), dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = pc.list_flatten(responses)  # skips null lists, respects slicing
+    rows = np.repeat(np.arange(len(responses)), lengths)
+    return flat, rows, offsets
+
+
+def nest_responses(responses: pa.Array, flat: pa.StructArray, offsets: np.ndarray) -> pa.Array:
+    """The inverse of flatten_responses with new structs: same lists, same nulls."""
+    mask = responses.is_null() if responses.null_count else None
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), flat, mask=mask)
+
+
+SCORE_FIELDS = ("overall", "len", "scores", "problem")
+
+
 class RewardScorer(Operator):
-    """One row in, one row out: scores added; null responses and non-finite scores are quarantined."""
+    """One prompt row in, one out: every response struct gets `overall`, `len`, `scores` (with aspects) and
+    `problem` (null, or why it could not be scored). A row without a usable prompt is quarantined whole."""
 
     name = "score"
-    requires = ("response",)
+    requires = ("responses",)
     requires_any = (("prompt", "messages"),)
-    adds = ("reward", "response_len")  # plus reward__<aspect> per aspect, known once the models load
+    adds = ("responses",)  # fields inside each response struct
 
     def __init__(self, cfg: ScoreCfg):
         if not cfg.models:
@@ -191,52 +214,76 @@ class RewardScorer(Operator):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        responses = batch.column("response").to_pylist()
         prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * n
         messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
+        upstream = batch.column(QUARANTINE).to_pylist() if QUARANTINE in batch.column_names else [None] * n
+        responses = batch.column("responses").combine_chunks()
+        flat, rows, offsets = flatten_responses(responses)
+        texts = flat.field("text").to_pylist()
 
-        reasons: list[str | None] = [None] * n
-        todo: list[int] = []
-        convs: list[list[dict[str, str]]] = []
+        row_reasons: list[str | None] = [None] * n
+        convs: list[list[dict[str, str]] | None] = [None] * n
         for i in range(n):
-            conv = conversation(prompts[i], messages[i])
-            if responses[i] is None:
-                reasons[i] = "missing_response"
-            elif conv is None:
-                reasons[i] = "missing_prompt"
+            if upstream[i] is not None:
+                continue  # set aside upstream: keeps its reason, costs no scoring
+            convs[i] = conversation(prompts[i], messages[i])
+            if convs[i] is None:
+                row_reasons[i] = "missing_prompt"
+            elif offsets[i] == offsets[i + 1]:
+                row_reasons[i] = "no_responses"  # a null or empty list: nothing to score or compare
+        # A problem found upstream (the JSONL reader's wrong-typed response) stays, and is not scored.
+        names = [t.name for t in flat.type]
+        problems = flat.field("problem").to_pylist() if "problem" in names else [None] * len(texts)
+        todo: list[int] = []  # flat indices to score
+        for f, (row, text) in enumerate(zip(rows, texts, strict=True)):
+            if convs[row] is None or problems[f] is not None:
+                continue  # a quarantined row's responses are left unscored
+            if text is None:
+                problems[f] = "missing_response"
             else:
-                todo.append(i)
-                convs.append(conv)
+                todo.append(f)
 
-        # Each model's outputs side by side: a scalar model gives column 0 = reward.
-        cols = [np.full((n, m.model.config.num_labels), np.nan) for m in self.models]
-        for m, out in zip(self.models, cols, strict=True):
-            if not todo:
-                break
-            prompt_text = [p if p is not None else "\n".join(c["content"] for c in conv)
-                           for p, conv in zip((prompts[i] for i in todo), convs, strict=True)]
-            encoded = [m.encode(conv, p, responses[i], self.cfg.max_length)
-                       for i, conv, p in zip(todo, convs, prompt_text, strict=True)]
-            out[todo] = m.score(encoded, self.cfg.micro_batch_size)
-        values = np.concatenate(cols, axis=1)
-
-        result = batch.drop_columns([c for c in batch.column_names if c == "reward" or c == "response_len"
-                                     or c.startswith(ASPECT_PREFIX)])
-        scored = np.zeros(n, dtype=bool)
+        values = self.score_texts([convs[rows[f]] for f in todo], [prompts[rows[f]] for f in todo],
+                                  [texts[f] for f in todo])
+        m = len(texts)
+        all_values = np.full((m, values.shape[1]), np.nan)
+        all_values[todo] = values
+        scored = np.zeros(m, dtype=bool)
         scored[todo] = True
-        reward = values[:, 0] if not self.aspects else overall_reward(values, self.aspects, self.cfg.overall)
-        finite = np.isfinite(values).all(axis=1) & np.isfinite(reward)
-        for i in np.flatnonzero(scored & ~finite):
-            reasons[i] = "non_finite_reward"
+        overall = all_values[:, 0] if not self.aspects else overall_reward(all_values, self.aspects,
+                                                                          self.cfg.overall)
+        finite = np.isfinite(all_values).all(axis=1) & np.isfinite(overall)
+        for f in np.flatnonzero(scored & ~finite):
+            problems[f] = "non_finite_reward"
 
-        result = result.append_column("reward", pa.array(reward, type=pa.float64(), mask=~scored))
-        for j, aspect in enumerate(self.aspects):
-            result = result.append_column(ASPECT_PREFIX + aspect,
-                                          pa.array(values[:, j], type=pa.float64(), mask=~scored))
+        fields = {name: flat.field(name) for name in names if name not in SCORE_FIELDS}
+        fields["overall"] = pa.array(overall, type=pa.float64(), mask=~scored)
         # Characters, not tokens: the definition the ingest path uses, so length statistics compare.
-        length = pc.fill_null(pc.utf8_length(batch.column("response").cast(pa.string())), 0).cast(pa.int64())
-        result = result.append_column("response_len", length)
-        return with_quarantine(result, reasons)
+        fields["len"] = pc.fill_null(pc.utf8_length(flat.field("text").cast(pa.string())), 0).cast(pa.int64())
+        if self.aspects:
+            fields["scores"] = pa.StructArray.from_arrays(
+                [pa.array(all_values[:, j], type=pa.float64(), mask=~scored) for j in range(len(self.aspects))],
+                names=self.aspects)
+        fields["problem"] = pa.array(problems, type=pa.string())
+        new_flat = pa.StructArray.from_arrays(list(fields.values()), names=list(fields))
+        out = batch.set_column(batch.column_names.index("responses"), "responses",
+                               nest_responses(responses, new_flat, offsets))
+        return with_quarantine(out, row_reasons)
+
+    def score_texts(self, convs: list[list[dict[str, str]]], prompts: list[str | None],
+                    texts: list[str]) -> np.ndarray:
+        """(responses, outputs of every model side by side) float64: a scalar model gives column 0."""
+        width = sum(m.model.config.num_labels for m in self.models)
+        if not texts:
+            return np.empty((0, width))
+        prompt_text = [p if p is not None else "\n".join(c["content"] for c in conv)
+                       for p, conv in zip(prompts, convs, strict=True)]
+        cols = []
+        for m in self.models:
+            encoded = [m.encode(conv, p, t, self.cfg.max_length)
+                       for conv, p, t in zip(convs, prompt_text, texts, strict=True)]
+            cols.append(m.score(encoded, self.cfg.micro_batch_size))
+        return np.concatenate(cols, axis=1)
 
 
 def scorer_resources(cfg: ScoreCfg) -> Resources:

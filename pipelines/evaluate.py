@@ -60,6 +60,13 @@ def win_rate_ci(wins: np.ndarray, n_boot: int = 2000, seed: int = 0, level: floa
     return float(w.mean()), float(lo), float(hi)
 
 
+def sample_rewards(rows: list[dict]) -> dict[tuple[str, int], float]:
+    """(prompt_id, sample_idx) -> overall reward, from scored prompt rows; a response the scorer could not
+    score (its `problem` set) has no reward and so no pair."""
+    return {(r["prompt_id"], s["sample_idx"]): s["overall"] for r in rows for s in r["responses"] or []
+            if s["problem"] is None}
+
+
 def paired_wins(policy: dict, reference: dict) -> np.ndarray:
     """Per-prompt mean of sample-level wins; samples are paired by (prompt_id, sample_idx), i.e. same seed."""
     per_prompt: dict[str, list[float]] = {}
@@ -108,11 +115,10 @@ def main(cfg: EvaluateConfig) -> dict:
             return apply(ds, _scorer(), _score_resources(score_cfg), cfg=score_cfg)
 
         rec = run_stage(run, stage, fingerprint(cfg.input, gen, score_cfg, cfg.run.seed), build,
-                        rows_in=raw.count, out_as_input=lambda _ds, rows: rows // k, unit_in="prompt",
-                        unit_out="sample")
-        rows = read_stage(run, stage, columns=["prompt_id", "sample_idx", "reward"]).take_all()
-        rewards[who] = {(r["prompt_id"], r["sample_idx"]): r["reward"] for r in rows}
-        say(f"{who}: {rec.rows_out} scored samples, mean reward {np.mean(list(rewards[who].values())):.4f}")
+                        rows_in=raw.count, unit_in="prompt", unit_out="prompt")
+        rewards[who] = sample_rewards(read_stage(run, stage, columns=["prompt_id", "responses"]).take_all())
+        say(f"{who}: {rec.rows_out} prompts, {len(rewards[who])} scored samples, "
+            f"mean reward {np.mean(list(rewards[who].values())):.4f}")
 
     wins = paired_wins(rewards["policy"], rewards["reference"])
     rate, lo, hi = win_rate_ci(wins, cfg.bootstrap, cfg.run.seed)

@@ -1,4 +1,5 @@
-"""RewardScorer on the tiny reward models: every score equals an un-batched forward of the same text."""
+"""RewardScorer on the tiny reward models: every score equals an un-batched forward of the same text, and
+lands in the right response struct of the right prompt row."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from operators.score import (
     RewardScorer,
     ScoreCfg,
     combine_aspects,
+    flatten_responses,
     length_buckets,
     model_aspects,
+    nest_responses,
     overall_reward,
     scorer_resources,
     truncate_keep_end,
@@ -36,9 +39,25 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _batch(**extra) -> pa.Table:
-    return pa.table({"prompt_id": [f"p{i}" for i in range(len(PROMPTS))], "sample_idx": [0] * len(PROMPTS),
-                     "prompt": PROMPTS, "response": RESPONSES, **extra})
+K = 2
+
+
+def _text(i: int, j: int) -> str:
+    """Prompt i's response j: each prompt row holds K of the responses, so lengths mix within a row."""
+    return RESPONSES[(i + j) % len(RESPONSES)]
+
+
+def _batch(texts=None, **extra) -> pa.Table:
+    texts = texts or [[_text(i, j) for j in range(K)] for i in range(len(PROMPTS))]
+    responses = [[{"text": t, "sample_idx": j} for j, t in enumerate(row)] for row in texts]
+    return pa.table({"prompt_id": [f"p{i}" for i in range(len(PROMPTS))], "prompt": PROMPTS,
+                     "responses": responses, **extra})
+
+
+def _flat(table: pa.Table, field: str, sub: str | None = None) -> list:
+    """One value per response, rows in order, responses in order."""
+    out = [s[field] for r in table.to_pylist() for s in r["responses"]]
+    return [v[sub] for v in out] if sub else out
 
 
 def _direct(path: str, convs: list[list[dict]]) -> np.ndarray:
@@ -53,13 +72,14 @@ def _direct(path: str, convs: list[list[dict]]) -> np.ndarray:
     return np.stack(out)
 
 
-def _convs(prompts=PROMPTS, responses=RESPONSES) -> list[list[dict]]:
-    return [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-            for p, r in zip(prompts, responses, strict=True)]
+def _convs() -> list[list[dict]]:
+    """Every (prompt, response) conversation, in _flat's order."""
+    return [[{"role": "user", "content": p}, {"role": "assistant", "content": _text(i, j)}]
+            for i, p in enumerate(PROMPTS) for j in range(K)]
 
 
-def _col(table: pa.Table, name: str) -> np.ndarray:
-    return np.asarray(table.column(name).to_pylist(), dtype=np.float64)
+def _col(table: pa.Table, field: str, sub: str | None = None) -> np.ndarray:
+    return np.asarray(_flat(table, field, sub), dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,6 +118,21 @@ def test_overall_reward_and_helpers():
     assert length_buckets([5, 1, 3, 1, 9], 2) == [[1, 3], [2, 0], [4]]
 
 
+def test_flatten_and_nest_responses_keep_rows_and_nulls():
+    col = pa.array([[{"t": "a"}, {"t": "b"}], None, [], [{"t": "c"}]],
+                   type=pa.list_(pa.struct([("t", pa.string())])))
+    for arr in (col, col.slice(1)):  # a sliced column (offsets not starting at 0) too
+        flat, rows, offsets = flatten_responses(arr)
+        n = len(arr)
+        assert flat.field("t").to_pylist() == ["a", "b", "c"][3 - len(flat):]
+        assert rows.tolist() == ([0, 0, 3] if n == 4 else [2])
+        assert offsets.tolist() == ([0, 2, 2, 2, 3] if n == 4 else [0, 0, 0, 1])
+        new = pa.StructArray.from_arrays([flat.field("t"), pa.array(range(len(flat)))], names=["t", "i"])
+        nested = nest_responses(arr, new, offsets).to_pylist()
+        want = [[{"t": "a", "i": 0}, {"t": "b", "i": 1}], None, [], [{"t": "c", "i": 2}]]
+        assert nested == (want if n == 4 else [None, [], [{"t": "c", "i": 0}]])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Real models
 # ----------------------------------------------------------------------------------------------------------
@@ -107,13 +142,14 @@ def test_scalar_model_equals_unbatched_forward(tiny_models):
     cfg = ScoreCfg(models=[RewardModelCfg(tiny_models["reward"])], micro_batch_size=2)
     out = RewardScorer(cfg)(_batch())
     assert out.column("prompt_id").to_pylist() == [f"p{i}" for i in range(len(PROMPTS))]  # order kept
-    assert not [c for c in out.column_names if c.startswith("reward__")]
-    assert out.schema.field("reward").type == pa.float64()
+    struct = out.schema.field("responses").type.value_type
+    assert [f.name for f in struct] == ["text", "sample_idx", "overall", "len", "problem"]  # no `scores`
+    assert struct.field("overall").type == pa.float64() and struct.field("len").type == pa.int64()
     expected = _direct(tiny_models["reward"], _convs())[:, 0]
-    np.testing.assert_allclose(_col(out, "reward"), expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_col(out, "overall"), expected, atol=1e-5, rtol=0)
     assert np.std(expected) > 0.05  # the rewards differ between responses (not all one value)
-    assert out.column("response_len").to_pylist() == [len(r) for r in RESPONSES]  # characters
-    assert out.schema.field("response_len").type == pa.int64()
+    assert _flat(out, "len") == [len(_text(i, j)) for i in range(len(PROMPTS)) for j in range(K)]  # characters
+    assert _flat(out, "sample_idx") == [0, 1] * len(PROMPTS) and _flat(out, "problem") == [None] * len(PROMPTS) * K
     assert out.column(QUARANTINE).null_count == len(PROMPTS)
 
 
@@ -121,9 +157,9 @@ def test_multi_head_model_names_aspects_from_id2label(tiny_models):
     cfg = ScoreCfg(models=[RewardModelCfg(tiny_models["reward_multi"])], micro_batch_size=4)
     out = RewardScorer(cfg)(_batch())
     expected = _direct(tiny_models["reward_multi"], _convs())
-    np.testing.assert_allclose(_col(out, "reward__helpfulness"), expected[:, 0], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(_col(out, "reward__correctness"), expected[:, 1], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(_col(out, "reward"), expected.mean(axis=1), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_col(out, "scores", "helpfulness"), expected[:, 0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_col(out, "scores", "correctness"), expected[:, 1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_col(out, "overall"), expected.mean(axis=1), atol=1e-5, rtol=0)
 
 
 def test_single_aspect_models_combine(tiny_models):
@@ -132,34 +168,52 @@ def test_single_aspect_models_combine(tiny_models):
     out = RewardScorer(ScoreCfg(models=models, overall="correctness", micro_batch_size=3))(_batch())
     help_ = _direct(tiny_models["reward_helpfulness"], _convs())[:, 0]
     corr = _direct(tiny_models["reward_correctness"], _convs())[:, 0]
-    np.testing.assert_allclose(_col(out, "reward__helpfulness"), help_, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(_col(out, "reward__correctness"), corr, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(_col(out, "reward"), corr, atol=1e-5, rtol=0)  # overall names one aspect
+    np.testing.assert_allclose(_col(out, "scores", "helpfulness"), help_, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_col(out, "scores", "correctness"), corr, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_col(out, "overall"), corr, atol=1e-5, rtol=0)  # overall names one aspect
 
 
 def test_messages_missing_response_and_truncation(tiny_models):
     path = tiny_models["reward"]
     msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}] for p in PROMPTS]
-    responses = list(RESPONSES)
-    responses[1] = None
+    texts = [[_text(i, j) for j in range(K)] for i in range(len(PROMPTS))]
+    texts[1][0] = None
     out = RewardScorer(ScoreCfg(models=[RewardModelCfg(path)], max_length=24, micro_batch_size=2))(
-        _batch(messages=msgs).set_column(3, "response", pa.array(responses, pa.string())))
+        _batch(texts, messages=msgs))
     rows = out.to_pylist()
-    assert rows[1][QUARANTINE] == "missing_response" and rows[1]["reward"] is None
-    assert rows[1]["response_len"] == 0
+    # A missing response is a problem of that response alone; its prompt row and sibling stay good.
+    assert rows[1][QUARANTINE] is None
+    missing = rows[1]["responses"][0]
+    assert (missing["problem"], missing["overall"], missing["len"]) == ("missing_response", None, 0)
     # Reference: template the messages + response, keep the first token (bos) and the last 23.
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     for i, r in enumerate(rows):
-        if i == 1:
-            continue
-        text = tok.apply_chat_template(msgs[i] + [{"role": "assistant", "content": responses[i]}], tokenize=False)
-        ids = tok(text)["input_ids"]
-        assert len(ids) > 24 and ids[0] == tok.bos_token_id
-        with torch.no_grad():
-            want = model(input_ids=torch.tensor([ids[:1] + ids[-23:]])).logits[0, 0].item()
-        assert r[QUARANTINE] is None
-        assert abs(r["reward"] - want) < 1e-5
+        for j, resp in enumerate(r["responses"]):
+            if (i, j) == (1, 0):
+                continue
+            conv = msgs[i] + [{"role": "assistant", "content": texts[i][j]}]
+            ids = tok(tok.apply_chat_template(conv, tokenize=False))["input_ids"]
+            assert len(ids) > 24 and ids[0] == tok.bos_token_id
+            with torch.no_grad():
+                want = model(input_ids=torch.tensor([ids[:1] + ids[-23:]])).logits[0, 0].item()
+            assert resp["problem"] is None
+            assert abs(resp["overall"] - want) < 1e-5
+
+
+def test_missing_prompt_quarantines_the_row_and_upstream_reasons_pass(tiny_models):
+    scorer = RewardScorer(ScoreCfg(models=[RewardModelCfg(tiny_models["reward"])]))
+    batch = _batch().set_column(1, "prompt", pa.array([None, *PROMPTS[1:]], pa.string()))
+    batch = batch.append_column(QUARANTINE, pa.array([None, "prompt_too_long", *[None] * (len(PROMPTS) - 2)]))
+    batch = batch.set_column(2, "responses", pa.array([*batch.column("responses").to_pylist()[:2], None,
+                                                       *batch.column("responses").to_pylist()[3:]],
+                                                      batch.schema.field("responses").type))
+    rows = scorer(batch).to_pylist()
+    assert [r[QUARANTINE] for r in rows] == ["missing_prompt", "prompt_too_long", "no_responses",
+                                            *[None] * (len(PROMPTS) - 3)]
+    assert all(s["overall"] is None and s["problem"] is None for r in rows[:2] for s in r["responses"])
+    assert rows[2]["responses"] is None
+    assert all(s["overall"] is not None for r in rows[3:] for s in r["responses"])
 
 
 def test_non_finite_reward_is_quarantined(tiny_models, tmp_path):
@@ -170,7 +224,8 @@ def test_non_finite_reward_is_quarantined(tiny_models, tmp_path):
     model.save_pretrained(tmp_path / "nan_rm")
     AutoTokenizer.from_pretrained(tiny_models["reward"]).save_pretrained(tmp_path / "nan_rm")
     out = RewardScorer(ScoreCfg(models=[RewardModelCfg(str(tmp_path / "nan_rm"))]))(_batch())
-    assert out.column(QUARANTINE).to_pylist() == ["non_finite_reward"] * len(PROMPTS)
+    assert _flat(out, "problem") == ["non_finite_reward"] * len(PROMPTS) * K
+    assert out.column(QUARANTINE).null_count == len(PROMPTS)  # per response, not per prompt
 
 
 def test_bad_config_is_named(tiny_models):
@@ -181,16 +236,17 @@ def test_bad_config_is_named(tiny_models):
 
 
 def test_scorer_through_ray_data(ray_local, tiny_models):
-    cfg = ScoreCfg(models=[RewardModelCfg(tiny_models["reward_multi"])], num_cpus=0.5, batch_size=4,
-                   micro_batch_size=2)
-    items = [{"prompt_id": f"p{i}", "sample_idx": 0, "prompt": p, "response": r}
-             for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES, strict=True))]
+    cfg = ScoreCfg(models=[RewardModelCfg(tiny_models["reward_multi"])], num_cpus=0.5, batch_size=2,
+                   micro_batch_size=3)
+    items = _batch().to_pylist()
     ds = apply(ray_local.data.from_items(items), RewardScorer, scorer_resources(cfg), cfg=cfg)
     rows = {r["prompt_id"]: r for r in ds.take_all()}
-    expected = _direct(tiny_models["reward_multi"], _convs())
+    expected = _direct(tiny_models["reward_multi"], _convs()).reshape(len(PROMPTS), K, 2)
     for i in range(len(PROMPTS)):
         r = rows[f"p{i}"]
         assert r[QUARANTINE] is None
-        assert abs(r["reward__helpfulness"] - expected[i, 0]) < 1e-5
-        assert abs(r["reward__correctness"] - expected[i, 1]) < 1e-5
-        assert abs(r["reward"] - expected[i].mean()) < 1e-5
+        for j, resp in enumerate(r["responses"]):
+            assert resp["text"] == _text(i, j) and resp["problem"] is None
+            assert abs(resp["scores"]["helpfulness"] - expected[i, j, 0]) < 1e-5
+            assert abs(resp["scores"]["correctness"] - expected[i, j, 1]) < 1e-5
+            assert abs(resp["overall"] - expected[i, j].mean()) < 1e-5

@@ -26,6 +26,14 @@ def test_paired_wins_pairs_by_prompt_and_sample():
     assert evaluate.paired_wins(policy, reference).tolist() == [0.75, 0.0]  # a: win + tie; b: loss
 
 
+def test_sample_rewards_reads_scored_prompt_rows():
+    rows = [{"prompt_id": "a", "responses": [{"sample_idx": 0, "overall": 1.5, "problem": None},
+                                             {"sample_idx": 1, "overall": None, "problem": "non_finite_reward"}]},
+            {"prompt_id": "b", "responses": [{"sample_idx": 1, "overall": -2.0, "problem": None}]},
+            {"prompt_id": "c", "responses": None}]
+    assert evaluate.sample_rewards(rows) == {("a", 0): 1.5, ("b", 1): -2.0}  # a's sample 1 has no reward
+
+
 def test_evaluate_same_model_ties_everywhere_and_balances(ray_local, tiny_models, tmp_path):
     """Policy = reference with the same per-sample seeds gives the same samples, so every pair ties: the win
     rate is exactly 0.5 with a zero-width interval. Quarantined input rows are counted, not generated."""
@@ -47,7 +55,7 @@ def test_evaluate_same_model_ties_everywhere_and_balances(ray_local, tiny_models
     manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())
     for stage in ("eval_policy", "eval_reference"):
         s = manifest["stages"][stage]
-        assert s["rows_in"] == 8 and s["rows_out"] == 10  # 5 prompts x 2 samples
+        assert s["rows_in"] == 8 and s["rows_out"] == 5  # prompt rows, 2 scored samples each
         assert s["quarantined"] == {"conflicting_duplicate_prompt_id": 2, "empty_prompt": 1}
         assert s["balanced"]
     assert json.loads((tmp_path / "eval" / "eval_summary.json").read_text())["win_rate"] == 0.5

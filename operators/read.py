@@ -98,18 +98,22 @@ def read_input(path: str, fmt: str = "auto", limit: int | None = None, peek_line
                              else f"input {path} holds no rows (empty or blank)")
         ds = ray.data.read_datasource(JsonlDatasource(path, columns))
     elif fmt == "hf_disk":
-        import datasets
-
-        hf = datasets.load_from_disk(path)
-        if isinstance(hf, datasets.DatasetDict):
-            split = "train" if "train" in hf else next(iter(hf))
-            hf = hf[split]
-        ds = ray.data.from_arrow(hf.data.table)
+        ds = ray.data.from_arrow(load_hf_disk(path).data.table)
     else:
         raise InputError(f"unknown input.format {fmt!r}; use auto, parquet, jsonl or hf_disk")
     if limit is not None:
         ds = ds.limit(limit)
     return ds
+
+
+def load_hf_disk(path: str):
+    """A `datasets.save_to_disk` folder; of a DatasetDict, the `train` split, else the first."""
+    import datasets
+
+    hf = datasets.load_from_disk(path)
+    if isinstance(hf, datasets.DatasetDict):
+        hf = hf["train" if "train" in hf else next(iter(hf))]
+    return hf
 
 
 def binarized_to_rated(batch: pa.Table) -> pa.Table:

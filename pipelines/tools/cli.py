@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import gzip
 import importlib
 import os
 import sys
@@ -79,30 +78,26 @@ class InputInfo:
     note: str = ""
 
 
-def _count_lines(path: str) -> int:
-    opener = gzip.open if path.endswith(".gz") else open
-    n, last = 0, b"\n"
-    with opener(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
-    return n + (last != b"\n")
+def _count_records(path: str) -> int:
+    """The rows a JSONL read makes: its own files, decompression and record rules (operators.jsonl: every
+    compression it detects, blank lines skipped, BOM and CRLF stripped, a JSON array's items); a bad line
+    still counts, as the read turns it into a quarantined row."""
+    from operators.jsonl import list_files, read_records
+
+    n = 0
+    for fs, file in list_files(path):
+        with fs.open_input_stream(file, compression="detect") as f:
+            n += sum(1 for _ in read_records(f, file))
+    return n
 
 
-def _first_keys(path: str) -> list[str]:
-    import json
-
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                return list(json.loads(line))
-    return []
-
-
-def inspect_input(path: str, fmt: str, schema: str, limit: int | None) -> InputInfo:
-    """Prompt count and schema from metadata (parquet) or a line count (jsonl); nothing goes through Ray."""
-    from operators.read import detect_format, detect_schema
+def inspect_input(path: str, fmt: str, schema: str, limit: int | None,
+                  peek_lines: int | None = None) -> InputInfo:
+    """Prompt count and schema as the reader (operators.read.read_input) will see them, without Ray: parquet
+    row counts from the footers, JSONL records counted and columns peeked by the JSONL reader's functions,
+    a saved data set's split as read_input picks it. A count reads every JSONL line once."""
+    from operators.jsonl import PEEK_LINES, peek_columns
+    from operators.read import detect_format, detect_schema, load_hf_disk
 
     try:
         fmt = detect_format(path) if fmt == "auto" else fmt
@@ -112,16 +107,10 @@ def inspect_input(path: str, fmt: str, schema: str, limit: int | None) -> InputI
             ds = pads.dataset(path, format="parquet")
             n, cols = ds.count_rows(), ds.schema.names  # row counts come from the footers
         elif fmt == "jsonl" and "://" not in path:
-            files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in sorted(fs)] \
-                if os.path.isdir(path) else [path]
-            files = [f for f in files if f.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))]
-            n, cols = sum(_count_lines(f) for f in files), (_first_keys(files[0]) if files else [])
+            cols = peek_columns(path, PEEK_LINES if peek_lines is None else peek_lines)[0]
+            n = _count_records(path)
         elif fmt == "hf_disk":
-            import datasets
-
-            hf = datasets.load_from_disk(path)
-            if isinstance(hf, datasets.DatasetDict):
-                hf = hf["train" if "train" in hf else next(iter(hf))]
+            hf = load_hf_disk(path)
             n, cols = len(hf), hf.column_names
         else:
             return InputInfo(path, None, schema if schema != "auto" else "unknown", "remote: not counted")
@@ -163,7 +152,8 @@ def generation_plan(inp: InputInfo, gen: Any, score: Any,
 
 
 def curate_plan(cfg: CurateConfig) -> tuple[list[tuple[str, str, str]], InputInfo, int | None]:
-    inp = inspect_input(resolve_path(cfg.input.path), cfg.input.format, cfg.input.schema, cfg.input.limit)
+    inp = inspect_input(resolve_path(cfg.input.path), cfg.input.format, cfg.input.schema, cfg.input.limit,
+                        cfg.input.peek_lines)
     rows = [("prompts", "read, validate, set aside empty prompts and duplicate ids", "Ray tasks, 1 CPU each")]
     tokens: int | None = 0
     if inp.schema in ("prompts", "unknown"):

@@ -41,9 +41,15 @@ def unwrap(model: torch.nn.Module) -> Any:
     return getattr(model, "module", model)
 
 def param_digest(model: torch.nn.Module) -> str:
-    """A hash of every parameter's bytes: equal across DDP ranks iff the replicas are bit-identical."""
+    """A hash of every parameter's bytes: equal across DDP ranks iff the replicas are bit-identical, and
+    equal to the digest of `from_pretrained(checkpoint)` iff the checkpoint holds these weights. Under FSDP2
+    each parameter is gathered whole (`full_tensor`, a collective: every rank calls this), which is not the
+    state-dict path the checkpoint is written through, so a wrong gather there shows as a different digest."""
+    from torch.distributed.tensor import DTensor
+
     h = hashlib.sha256()
     for name, p in sorted(unwrap(model).named_parameters()):
+        t = p.detach()
         h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
+        h.update((t.full_tensor() if isinstance(t, DTensor) else t).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

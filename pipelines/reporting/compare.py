@@ -33,7 +33,8 @@ from operators.select import (
     SelectionError,
     select,
 )
-from pipelines.reporting.report import CSS, RULE_CUT, open_run, publish, read_columns, staging_dir, values
+from pipelines.reporting.plots import RULE_CUT, values
+from pipelines.reporting.report import CSS, open_run, publish, read_columns, staging_dir
 
 COMPARE_DIR = "compare"
 STATS = ("pvar", "margin", "pd", "len_corr")

@@ -16,14 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from operators.select import Budget, RuleParams, select
-from pipelines.reporting.report import (
-    Pearson,
-    cut_values,
-    open_run,
-    print_summary,
-    response_batches,
-    write_report,
-)
+from pipelines.reporting.plots import Pearson, cut_values, response_batches
+from pipelines.reporting.report import open_run, print_summary, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,7 +1,8 @@
 """Preference pairs in TRL's schema from selected prompts' statistics.
 
 The statistics table already carries each prompt's best and worst response (or the labelled pair for
-already-paired data), so pairing needs no join against the long table.
+already-paired data), and the selection stage holds only keys and decisions, so pairing is a map over the
+statistics with the selected keys as a filter: no shuffle, no join against the responses.
 """
 
 from __future__ import annotations
@@ -17,22 +18,21 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected", "prompt_id", "score_chosen", "sc
                 "route", "order")
 
 
+DECISION_COLUMNS = ("selected", "rank", "selector", "route", "order")
+
+
 def join_selection(batch: pa.Table, selection: pa.Table) -> pa.Table:
-    """Attach `selected`, `rank`, `selector`, `route`, `order` to statistics rows by prompt_id."""
-    idx = pc.index_in(batch.column("prompt_id"), value_set=selection.column("prompt_id"))
-    if pc.any(pc.is_null(idx)).as_py():
-        missing = batch.filter(pc.is_null(idx)).column("prompt_id").slice(0, 3).to_pylist()
-        raise RuntimeError(f"selection has no decision for prompt_id(s) {missing}")
-    picked = selection.take(idx)
-    for name in ("selected", "rank", "selector", "route", "order"):
+    """The statistics rows of the selected prompts, with `rank`, `selector`, `route`, `order` attached by
+    prompt_id. `selection` holds the selection stage's key rows (only selected ones need be there)."""
+    chosen = selection.filter(pc.fill_null(selection.column("selected"), False))
+    idx = pc.index_in(pc.cast(batch.column("prompt_id"), pa.string()), value_set=chosen.column("prompt_id"))
+    hit = pc.is_valid(idx)
+    batch, picked = batch.filter(hit), chosen.take(idx.filter(hit))
+    for name in DECISION_COLUMNS:
         if name in batch.column_names:
             batch = batch.drop_columns([name])
         batch = batch.append_column(name, picked.column(name))
     return batch
-
-
-def keep_selected(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.fill_null(batch.column("selected"), False))
 
 
 def build_pairs(batch: pa.Table) -> pa.Table:

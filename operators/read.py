@@ -192,45 +192,95 @@ def validate_prompts(batch: pa.Table, schema: str, source: str) -> pa.Table:
     return with_quarantine(batch, pa.array(list(reasons), pa.string()))
 
 
-def dedupe_prompts(ds, num_partitions: int):
-    """`dedupe_block` over a data set: one hash shuffle puts each prompt_id's rows in one block."""
-    return ds.repartition(num_partitions, keys=["prompt_id"], sort=True) \
-        .map_batches(dedupe_block, batch_format="pyarrow", batch_size=None)
+ROW_ID = "_row_id"  # a block's random 64-bit base plus the row's position: tells copies of one id apart
 
 
-def dedupe_block(batch: pa.Table) -> pa.Table:
-    """Within a block holding each prompt_id's rows whole: exact duplicates keep one copy, and every copy of
-    an id whose rows differ is set aside (`conflicting_duplicate_prompt_id`), because no copy is the right one.
-    Rows already quarantined are left as they are.
-    """
-    if batch.num_rows == 0:
-        return batch
-    if QUARANTINE not in batch.column_names:
-        batch = with_quarantine(batch, [None] * batch.num_rows)
-    ids = batch.column("prompt_id").to_numpy(zero_copy_only=False)
-    q = batch.column(QUARANTINE).to_pylist()
-    live = np.array([r is None for r in q])
-    uniq, inv, counts = np.unique(ids[live], return_inverse=True, return_counts=True)
-    if not (counts > 1).any():
-        return batch
-    live_idx = np.flatnonzero(live)
-    reasons = list(q)
-    dup_rows = live_idx[counts[inv] > 1]
-    by_id: dict[str, list[int]] = {}
-    for i in dup_rows:
-        by_id.setdefault(ids[i], []).append(int(i))
-    cols = [c for c in batch.column_names if c not in (QUARANTINE, QUARANTINE_DETAIL)]
+def with_row_ids(batch: pa.Table) -> pa.Table:
+    base = int.from_bytes(os.urandom(8), "little") >> 2  # room for the block's rows without wrapping
+    return batch.append_column(ROW_ID, pa.array(base + np.arange(batch.num_rows, dtype=np.uint64), pa.uint64()))
+
+
+def live_ids(batch: pa.Table) -> pa.Table:
+    """The prompt_ids of rows not already quarantined: the only column the duplicate search shuffles."""
+    ids = batch.column("prompt_id")
+    if QUARANTINE in batch.column_names:
+        ids = ids.filter(pc.is_null(batch.column(QUARANTINE)))
+    return pa.table({"prompt_id": pc.cast(ids, pa.string())})
+
+
+def repeated_ids(batch: pa.Table) -> pa.Table:
+    """Within a block holding each prompt_id's keys whole: the ids seen more than once."""
+    counts = batch.group_by("prompt_id").aggregate([("prompt_id", "count")])
+    return counts.filter(pc.greater(counts.column("prompt_id_count"), 1)).select(["prompt_id"])
+
+
+def digest_rows(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    """(prompt_id, row id, digest of the row's content) for the live rows whose id is in `ids`; the other rows,
+    and so nearly every text, stay where they are."""
+    hit = pc.is_in(pc.cast(batch.column("prompt_id"), pa.string()), value_set=ids)
+    if QUARANTINE in batch.column_names:
+        hit = pc.and_(hit, pc.is_null(batch.column(QUARANTINE)))
+    rows = batch.filter(pc.fill_null(hit, False))
+    cols = [c for c in rows.column_names if c not in (QUARANTINE, QUARANTINE_DETAIL, ROW_ID)]
+    digests = [_row_digest(r) for r in rows.select(cols).to_pylist()]
+    return pa.table({"prompt_id": pc.cast(rows.column("prompt_id"), pa.string()), ROW_ID: rows.column(ROW_ID),
+                     "digest": pa.array(digests, pa.string())})
+
+
+def duplicate_decisions(keys: pa.Table) -> pa.Table:
+    """The rule, over the keys of every live row whose id repeats: exact duplicates keep one copy (the lowest
+    row id) and the others are `duplicate_prompt_id`; every copy of an id whose rows differ is set aside as
+    `conflicting_duplicate_prompt_id`, because no copy is the right one. Returns (row id, reason)."""
+    by_id: dict[str, list[tuple[int, str]]] = {}
+    for pid, rid, dig in zip(*(keys.column(c).to_pylist() for c in ("prompt_id", ROW_ID, "digest")), strict=True):
+        by_id.setdefault(pid, []).append((rid, dig))
+    out_ids, reasons = [], []
     for rows in by_id.values():
-        digests = [_row_digest(batch.select(cols).slice(i, 1).to_pylist()[0]) for i in rows]
-        if len(set(digests)) == 1:
-            keep = rows[int(np.argmin(rows))]
-            for i in rows:
-                if i != keep:
-                    reasons[i] = "duplicate_prompt_id"
+        if len({d for _, d in rows}) == 1:
+            keep = min(r for r, _ in rows)
+            drop = [(r, "duplicate_prompt_id") for r, _ in rows if r != keep]
         else:
-            for i in rows:
-                reasons[i] = "conflicting_duplicate_prompt_id"
-    return batch.set_column(batch.column_names.index(QUARANTINE), QUARANTINE, pa.array(reasons, pa.string()))
+            drop = [(r, "conflicting_duplicate_prompt_id") for r, _ in rows]
+        out_ids += [r for r, _ in drop]
+        reasons += [why for _, why in drop]
+    return pa.table({ROW_ID: pa.array(out_ids, pa.uint64()), "reason": pa.array(reasons, pa.string())})
+
+
+def apply_decisions(batch: pa.Table, decisions: pa.Table) -> pa.Table:
+    """Quarantine the rows the duplicate rule set aside; drop the row ids."""
+    idx = pc.index_in(batch.column(ROW_ID), value_set=decisions.column(ROW_ID))
+    reasons = decisions.column("reason").combine_chunks().take(idx) if len(decisions) else \
+        pa.nulls(batch.num_rows, pa.string())
+    return with_quarantine(batch.drop_columns([ROW_ID]), reasons)
+
+
+def dedupe_prompts(ds, num_partitions: int):
+    """Set aside duplicate prompt_ids (`duplicate_decisions`) without moving a text: the rows are materialized
+    once; a hash shuffle of the ids alone finds the repeated ones; only rows with a repeated id are digested;
+    the decisions (a few keys) go back to every block as a filter."""
+    import ray
+
+    ds = ds.map_batches(with_row_ids, batch_format="pyarrow").materialize()
+    repeated = ds.map_batches(live_ids, batch_format="pyarrow", batch_size=None) \
+        .repartition(num_partitions, keys=["prompt_id"], sort=False) \
+        .map_batches(repeated_ids, batch_format="pyarrow", batch_size=None)
+    ids = _collect(ray.get(repeated.to_arrow_refs()), pa.schema([("prompt_id", pa.string())]))
+    if ids.num_rows == 0:
+        return ds.drop_columns([ROW_ID])
+    keys = ds.map_batches(digest_rows, fn_kwargs={"ids": ids.column("prompt_id").combine_chunks()},
+                          batch_format="pyarrow", batch_size=None)
+    decisions = duplicate_decisions(_collect(ray.get(keys.to_arrow_refs()), None))
+    return ds.map_batches(apply_decisions, fn_kwargs={"decisions": decisions}, batch_format="pyarrow",
+                          batch_size=None)
+
+
+def _collect(tables: list[pa.Table], schema: pa.Schema | None) -> pa.Table:
+    tables = [t for t in tables if t.num_rows]
+    if tables:
+        return pa.concat_tables(tables, promote_options="default")
+    return schema.empty_table() if schema is not None else \
+        pa.table({"prompt_id": pa.array([], pa.string()), ROW_ID: pa.array([], pa.uint64()),
+                  "digest": pa.array([], pa.string())})
 
 
 def _row_digest(row: dict) -> str:

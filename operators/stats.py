@@ -16,7 +16,9 @@ Definitions (see DESIGN.md, "Statistics: definitions"):
 * reward_std is the population standard deviation (ddof = 0); len_corr is Pearson's r of reward against
   response length in characters (null when either is constant).
 
-The math is plain numpy over padded [groups, responses] arrays; the Ray part at the bottom is thin.
+The input is one row per prompt with its responses as a list (DESIGN.md, "Stages and their data"), so the
+statistics are a map over blocks: no shuffle. The math is plain numpy over padded [groups, responses] arrays
+built from the list offsets; the Ray part at the bottom is thin.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.base import QUARANTINE
+from operators.base import QUARANTINE, QUARANTINE_DETAIL
+from operators.responses import Flat, aspect_values, flatten, floats, is_good, response_reasons
 
-ASPECT_PREFIX = "reward__"
 STAT_COLUMNS = (
     "n", "reward_mean", "reward_std", "pvar", "margin", "best_idx", "worst_idx", "pd", "len_corr",
 )
@@ -145,13 +147,12 @@ def normalized_aspect(values: np.ndarray, lengths: np.ndarray, norm: AspectNorm,
     return z
 
 
-def sufficient_sums(table: pa.Table, aspects: list[str]) -> dict[str, float]:
-    """Per-batch sums for `norms_from_sums`; sums from all batches add up."""
-    lengths = table.column("response_len").to_numpy(zero_copy_only=False).astype(np.float64)
+def sufficient_sums(lengths: np.ndarray, aspects: dict[str, np.ndarray]) -> dict[str, float]:
+    """Sums for `norms_from_sums` over good responses (lengths and aspect values); sums of blocks add up."""
+    lengths = np.asarray(lengths, dtype=np.float64)
     x = np.log1p(lengths)
     out = {"len:n": float(lengths.size), "len:v": float(lengths.sum()), "len:vv": float((lengths**2).sum())}
-    for a in aspects:
-        v = _as_float(table.column(ASPECT_PREFIX + a))
+    for a, v in aspects.items():
         m = np.isfinite(v)
         vv, xx = v[m], x[m]
         out.update({
@@ -162,21 +163,28 @@ def sufficient_sums(table: pa.Table, aspects: list[str]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Vectorised over a block holding whole prompts
+# Vectorised over a block of whole prompt rows
 # ----------------------------------------------------------------------------------------------------------
 
 
-def aspect_names(columns) -> list[str]:
-    return sorted(c[len(ASPECT_PREFIX):] for c in columns if c.startswith(ASPECT_PREFIX))
+def aspect_names(schema: pa.Schema) -> list[str]:
+    """The aspects of `responses[].scores` in a stage's schema (a struct's field names)."""
+    item = _response_type(schema)
+    scores = item.field("scores").type if item is not None and item.get_field_index("scores") >= 0 else None
+    return sorted(scores.field(i).name for i in range(scores.num_fields)) if scores is not None and \
+        pa.types.is_struct(scores) else []
 
 
-def _as_float(col) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+def _response_type(schema) -> pa.StructType | None:
+    schema = getattr(schema, "base_schema", schema)
+    if "responses" not in schema.names:
+        return None
+    t = schema.field("responses").type
+    return t.value_type if pa.types.is_list(t) and pa.types.is_struct(t.value_type) else None
 
 
 def _padded(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray, width: int, fill=np.nan):
-    """Scatter a flat array of group-sorted values into a [groups, width] matrix."""
+    """Scatter a flat array of group-ordered values into a [groups, width] matrix."""
     out = np.full((sizes.size, width), fill, dtype=values.dtype if fill is not np.nan else np.float64)
     col = np.arange(values.size) - np.repeat(starts, sizes)
     out[np.repeat(np.arange(sizes.size), sizes), col] = values
@@ -217,48 +225,15 @@ class StatsParams:
 # Columns of the statistics table that the statistics themselves make (beside the carried ones).
 STATS_TABLE_COLUMNS = ("prompt_id", *STAT_COLUMNS, "score_best", "score_worst", "best_response",
                        "worst_response", "paired", "tau", "messages")
-# Columns of the long scored table that belong to one response, not to its prompt.
-RESPONSE_LEVEL = ("sample_idx", "response", "response_len", "model", "label", "reward", "num_tokens",
-                  "finish_reason", "seed", "generator")
+# The sample_idx of a quarantined response, beside its prompt_id; `sample_idx` in quarantine/.
+QUARANTINE_SAMPLE = "_quarantine_sample_idx"
 
 
-def carry_columns(prompt_columns, scored_columns) -> tuple[str, ...]:
-    """The prompt-level input columns (prompt, source and any extra ones) that reach the statistics and the
-    pairs: those still in the scored table under their own name, not shadowed by a column a stage adds."""
-    scored = set(scored_columns)
-    skip = {"prompt_id", "responses", *STATS_TABLE_COLUMNS, *RESPONSE_LEVEL}
-    return tuple(c for c in prompt_columns if c in scored and c not in skip and not c.startswith(ASPECT_PREFIX)
-                 and not c.startswith("_"))
-
-
-def _group_starts(pid: pa.Array) -> np.ndarray:
-    """Row positions where a new prompt_id begins, for a column sorted by prompt_id (compared in Arrow)."""
-    change = np.ones(len(pid), dtype=bool)
-    if len(pid) > 1 and pid.null_count:  # nulls sort last and form one group, as in a plain comparison
-        ids = pid.to_numpy(zero_copy_only=False)
-        change[1:] = ids[1:] != ids[:-1]
-    elif len(pid) > 1:
-        change[1:] = pc.not_equal(pid.slice(1), pid.slice(0, len(pid) - 1)).to_numpy(zero_copy_only=False)
-    return np.flatnonzero(change)
-
-
-def _sorted_by_prompt(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    """The table in (prompt_id, sample_idx) order and its group starts; a cheap check when it is in that
-    order already (a reorder inside prompts keeps the group starts)."""
-    pid = table.column("prompt_id").combine_chunks()
-    n = len(pid)
-    if n > 1 and not pid.null_count and pc.all(pc.less_equal(pid.slice(0, n - 1), pid.slice(1))).as_py():
-        starts = _group_starts(pid)
-        group = np.zeros(n, dtype=np.int64)
-        group[starts[1:]] = 1
-        group = np.cumsum(group)
-        sample = table.column("sample_idx").to_numpy(zero_copy_only=False)
-        if ((sample[1:] >= sample[:-1]) | (group[1:] != group[:-1])).all():
-            return table, starts
-        return table.take(pa.array(np.lexsort((sample, group)))), starts  # only the order inside prompts was off
-    if n > 1:
-        table = table.take(pc.sort_indices(table, sort_keys=[("prompt_id", "ascending"), ("sample_idx", "ascending")]))
-    return table, _group_starts(table.column("prompt_id").combine_chunks())
+def carry_columns(columns) -> tuple[str, ...]:
+    """The prompt-level columns (prompt, source, messages, any extra input column) that reach the statistics
+    and the pairs: all but the responses, our own underscore columns and names a statistic would shadow."""
+    skip = {"prompt_id", "responses", *(c for c in STATS_TABLE_COLUMNS if c != "messages")}
+    return tuple(c for c in columns if c not in skip and not c.startswith("_"))
 
 
 def chunk_bounds(sizes: np.ndarray, max_cells: int) -> list[tuple[int, int]]:
@@ -275,60 +250,155 @@ def chunk_bounds(sizes: np.ndarray, max_cells: int) -> list[tuple[int, int]]:
     return out
 
 
+@dataclass(frozen=True)
+class GoodResponses:
+    """The good responses of a block, compacted in prompt order, with their place in the flat column."""
+
+    index: np.ndarray  # position in the flat responses of each good response
+    sizes: np.ndarray  # good responses per prompt row
+    reward: np.ndarray
+    sample_idx: np.ndarray
+    length: np.ndarray
+    label: np.ndarray | None
+    aspects: dict[str, np.ndarray]
+
+
+def good_responses(table: pa.Table) -> tuple[GoodResponses, Flat, np.ndarray]:
+    """Check every response of the block's prompts; (the good ones, the flat view, each response's reason)."""
+    flat = flatten(table.column("responses"))
+    f, n = flat.fields, flat.count
+    reward, reward_null = floats(f.get("overall"), n)
+    text = f.get("text")
+    text_missing = pc.is_null(text).to_numpy(zero_copy_only=False) if text is not None else np.ones(n, bool)
+    if "len" in f:
+        length = pc.fill_null(pc.cast(f["len"], pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+    elif text is not None:
+        length = pc.fill_null(pc.utf8_length(pc.cast(text, pa.string())), 0).to_numpy(zero_copy_only=False)
+    else:
+        length = np.zeros(n)
+    aspects = aspect_values(f.get("scores"), n)
+    reasons = response_reasons(f.get("problem"), np.asarray(text_missing, bool), reward, reward_null, aspects)
+    idx = np.flatnonzero(is_good(reasons))
+    sample = (pc.cast(f["sample_idx"], pa.int64()).to_numpy(zero_copy_only=False) if "sample_idx" in f
+              else flat.position())
+    label = (np.asarray(pc.cast(f["label"], pa.string()).to_numpy(zero_copy_only=False), dtype=object)[idx]
+             if "label" in f else None)
+    good = GoodResponses(
+        index=idx, sizes=np.bincount(flat.parent[idx], minlength=flat.sizes.size).astype(np.int64),
+        reward=reward[idx], sample_idx=np.asarray(sample, dtype=np.int64)[idx],
+        length=np.asarray(length, dtype=np.float64)[idx], label=label,
+        aspects={a: v[idx] for a, (v, _null) in aspects.items()},
+    )
+    return good, flat, reasons
+
+
 def prompt_stats(table: pa.Table, params: StatsParams, max_cells: int = 4_000_000) -> pa.Table:
-    """Statistics for every prompt in `table` (a long scored table holding each prompt's rows whole).
+    """Statistics for every prompt row of `table` (one row per prompt, its responses as a list).
 
-    Prompts with fewer than 2 valid responses come back as rows with a reason in the quarantine column.
+    Out come, in one table: a statistics row per prompt with at least 2 good responses; a row quarantined as
+    `fewer_than_2_responses` per prompt left with one; and one quarantined row per bad response (prompt_id,
+    its sample_idx in QUARANTINE_SAMPLE, the reason). A prompt left with none has only its responses' rows,
+    so that, counted in responses, in = out + quarantined.
     """
-    if table.num_rows == 0:
-        return _empty_stats(table, params)
-    table, starts = _sorted_by_prompt(table)
-    sizes = np.diff(np.append(starts, table.num_rows))
-    pieces = []
+    good, flat, reasons = good_responses(table)
+    keep = np.flatnonzero(good.sizes >= 1)  # prompt rows that get a statistics row
+    sizes = good.sizes[keep]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes.size else sizes
+    parts: dict[str, list[np.ndarray]] = {}
     for g0, g1 in chunk_bounds(sizes, max_cells):
-        lo = starts[g0]
-        hi = starts[g1] if g1 < starts.size else table.num_rows
-        pieces.append(_stats_chunk(table.slice(lo, hi - lo), starts[g0:g1] - lo, sizes[g0:g1], params))
-    return pa.concat_tables(pieces)
+        lo = int(starts[g0])
+        hi = int(starts[g1]) if g1 < starts.size else int(sizes.sum())
+        for k, v in _stats_chunk(good, lo, hi, starts[g0:g1] - lo, sizes[g0:g1], params).items():
+            parts.setdefault(k, []).append(v)
+    cols = {k: np.concatenate(v) for k, v in parts.items()} if parts else _no_stats()
+    rows = pa.array(keep)
+    out: dict[str, pa.Array] = {"prompt_id": pc.cast(table.column("prompt_id").take(rows), pa.string())}
+    for c in params.carry:
+        if c in table.column_names:
+            out[c] = table.column(c).take(rows)
+    n = sizes
+    texts = pc.cast(flat.fields["text"], pa.string()) if "text" in flat.fields else pa.nulls(flat.count, pa.string())
+    pdv, lc, pv = cols["pd"], cols["len_corr"], cols["pvar"]
+    out.update({
+        "n": pa.array(n),
+        "reward_mean": pa.array(cols["mean"]),
+        "reward_std": pa.array(cols["std"]),
+        "pvar": pa.array(pv, mask=~np.isfinite(pv)),
+        "margin": pa.array(cols["margin"], mask=n < 2),
+        "best_idx": pa.array(cols["best_idx"].astype(np.int64)),
+        "worst_idx": pa.array(cols["worst_idx"].astype(np.int64)),
+        "pd": pa.array(pdv, mask=~np.isfinite(pdv)),
+        "len_corr": pa.array(lc, mask=~np.isfinite(lc)),
+        "score_best": pa.array(cols["score_best"]),
+        "score_worst": pa.array(cols["score_worst"]),
+        # Only the two texts a pair needs are copied out of the block.
+        "best_response": texts.take(pa.array(good.index[cols["best"].astype(np.int64)])),
+        "worst_response": texts.take(pa.array(good.index[cols["worst"].astype(np.int64)])),
+        "paired": pa.array(cols["paired"].astype(bool)),
+        "tau": pa.array(np.full(n.size, params.tau)),
+        QUARANTINE: pa.array(np.where(n < 2, "fewer_than_2_responses", None), type=pa.string()),
+        QUARANTINE_DETAIL: pa.nulls(n.size, pa.string()),
+        QUARANTINE_SAMPLE: pa.nulls(n.size, pa.int64()),
+    })
+    stats = pa.table(out)
+    bad = np.flatnonzero(~is_good(reasons))
+    if not bad.size:
+        return stats
+    sample = (pc.cast(flat.fields["sample_idx"], pa.int64()).to_numpy(zero_copy_only=False)
+              if "sample_idx" in flat.fields else flat.position())
+    quarantined = pa.table({
+        "prompt_id": pc.cast(table.column("prompt_id").take(pa.array(flat.parent[bad])), pa.string()),
+        QUARANTINE: pa.array(list(reasons[bad]), pa.string()),
+        QUARANTINE_DETAIL: pa.nulls(bad.size, pa.string()),
+        QUARANTINE_SAMPLE: pa.array(np.asarray(sample, dtype=np.int64)[bad]),
+    })
+    return pa.concat_tables([stats, quarantined], promote_options="default")
 
 
-def _stats_chunk(t: pa.Table, starts: np.ndarray, sizes: np.ndarray, params: StatsParams) -> pa.Table:
+def _no_stats() -> dict[str, np.ndarray]:
+    f, i = np.zeros(0), np.zeros(0, dtype=np.int64)
+    return {"mean": f, "std": f, "pvar": f, "margin": f, "best_idx": i, "worst_idx": i, "pd": f, "len_corr": f,
+            "score_best": f, "score_worst": f, "best": i, "worst": i, "paired": np.zeros(0, bool)}
+
+
+def _stats_chunk(g: GoodResponses, lo: int, hi: int, starts: np.ndarray, sizes: np.ndarray,
+                 params: StatsParams) -> dict[str, np.ndarray]:
+    """Statistics of the prompts whose good responses are g[lo:hi] (`starts` relative to lo)."""
     width = int(sizes.max())
     G = sizes.size
-    rewards = _as_float(t.column("reward"))
-    R = _padded(rewards, starts, sizes, width)
-    S = _padded(t.column("sample_idx").to_numpy(zero_copy_only=False).astype(np.float64), starts, sizes, width)
-    lengths = t.column("response_len").to_numpy(zero_copy_only=False).astype(np.float64)
+    R = _padded(g.reward[lo:hi], starts, sizes, width)
+    S = _padded(g.sample_idx[lo:hi].astype(np.float64), starts, sizes, width)
+    lengths = g.length[lo:hi]
     L = _padded(lengths, starts, sizes, width)
-    n = sizes.astype(np.int64)
     rows = np.arange(G)
 
     with np.errstate(invalid="ignore"):
         mean = np.nanmean(R, axis=1)
         std = np.sqrt(np.nanmean((R - mean[:, None]) ** 2, axis=1))
     pv = _group_pvar(R, params.tau)
-    Rmax = np.where(np.isfinite(R), R, -np.inf)
-    Rmin = np.where(np.isfinite(R), R, np.inf)
-    bpos, wpos = Rmax.argmax(axis=1), Rmin.argmin(axis=1)
+    # Best and worst are first in sample_idx order on ties: order each prompt's responses by sample_idx.
+    order = np.argsort(np.where(np.isfinite(S), S, np.inf), axis=1, kind="stable")
+    Ro = np.take_along_axis(R, order, axis=1)
+    bpos = np.take_along_axis(order, np.where(np.isfinite(Ro), Ro, -np.inf).argmax(axis=1)[:, None], 1)[:, 0]
+    wpos = np.take_along_axis(order, np.where(np.isfinite(Ro), Ro, np.inf).argmin(axis=1)[:, None], 1)[:, 0]
 
     # Already-paired prompts: the labelled pair decides, not argmax/argmin.
     paired = np.zeros(G, dtype=bool)
-    if "label" in t.column_names:
-        lab = t.column("label").combine_chunks().to_numpy(zero_copy_only=False)
+    if g.label is not None:
+        lab = g.label[lo:hi]
         ch = _padded((lab == "chosen").astype(np.float64), starts, sizes, width, fill=0.0) > 0
         rj = _padded((lab == "rejected").astype(np.float64), starts, sizes, width, fill=0.0) > 0
         paired = (ch.sum(axis=1) == 1) & (rj.sum(axis=1) == 1)
         bpos = np.where(paired, ch.argmax(axis=1), bpos)
         wpos = np.where(paired, rj.argmax(axis=1), wpos)
     score_best, score_worst = R[rows, bpos], R[rows, wpos]
-    margin = score_best - score_worst
 
     pd = np.full(G, np.nan)
     if params.norms is not None and params.norms.aspects:
         target = params.pd_target
-        if target != "overall" and target in params.norms.aspects:
+        if target != "overall" and target in params.norms.aspects and target in g.aspects:
             # The pair is chosen by the target aspect (unpaired data); the others vote on it.
-            T = _padded(_as_float(t.column(ASPECT_PREFIX + target)), starts, sizes, width)
+            T = _padded(g.aspects[target][lo:hi], starts, sizes, width)
             tb = np.where(np.isfinite(T), T, -np.inf).argmax(axis=1)
             tw = np.where(np.isfinite(T), T, np.inf).argmin(axis=1)
             pw, pl = np.where(paired, bpos, tb), np.where(paired, wpos, tw)
@@ -336,10 +406,9 @@ def _stats_chunk(t: pa.Table, starts: np.ndarray, sizes: np.ndarray, params: Sta
             pw, pl = bpos, wpos
         diffs = []
         for a, norm in params.norms.aspects.items():
-            if a == target:
+            if a == target or a not in g.aspects:
                 continue
-            z = normalized_aspect(_as_float(t.column(ASPECT_PREFIX + a)), lengths, norm, params.norms)
-            Z = _padded(z, starts, sizes, width)
+            Z = _padded(normalized_aspect(g.aspects[a][lo:hi], lengths, norm, params.norms), starts, sizes, width)
             diffs.append(Z[rows, pl] - Z[rows, pw])
         if diffs:
             D = np.stack(diffs, axis=1)
@@ -347,48 +416,12 @@ def _stats_chunk(t: pa.Table, starts: np.ndarray, sizes: np.ndarray, params: Sta
             with np.errstate(invalid="ignore"):
                 pd = np.where(cnt > 0, np.nansum(D, axis=1) / cnt, np.nan)
 
-    len_corr = _group_pearson(R, L)
-    responses = t.column("response").combine_chunks()
-    first = starts
-    flat = lambda pos: starts + pos  # noqa: E731 - index of a group-local position in the chunk
-    out = {
-        "prompt_id": t.column("prompt_id").take(pa.array(first)),
-        **{c: t.column(c).take(pa.array(first)) for c in params.carry if c in t.column_names},
-        "n": pa.array(n),
-        "reward_mean": pa.array(mean),
-        "reward_std": pa.array(std),
-        "pvar": pa.array(pv, mask=~np.isfinite(pv)),
-        "margin": pa.array(margin, mask=n < 2),
-        "best_idx": pa.array(S[rows, bpos].astype(np.int64)),
-        "worst_idx": pa.array(S[rows, wpos].astype(np.int64)),
-        "pd": pa.array(pd, mask=~np.isfinite(pd)),
-        "len_corr": pa.array(len_corr, mask=~np.isfinite(len_corr)),
-        "score_best": pa.array(score_best),
-        "score_worst": pa.array(score_worst),
-        "best_response": responses.take(pa.array(flat(bpos))),
-        "worst_response": responses.take(pa.array(flat(wpos))),
-        "paired": pa.array(paired),
-        "tau": pa.array(np.full(G, params.tau)),
-        QUARANTINE: pa.array(np.where(n < 2, "fewer_than_2_responses", None), type=pa.string()),
+    return {
+        "mean": mean, "std": std, "pvar": pv, "margin": score_best - score_worst,
+        "best_idx": S[rows, bpos], "worst_idx": S[rows, wpos], "pd": pd, "len_corr": _group_pearson(R, L),
+        "score_best": score_best, "score_worst": score_worst,
+        "best": lo + starts + bpos, "worst": lo + starts + wpos, "paired": paired,
     }
-    if "messages" in t.column_names:
-        out["messages"] = t.column("messages").take(pa.array(first))
-    return pa.table(out)
-
-
-def _empty_stats(table: pa.Table, params: StatsParams) -> pa.Table:
-    """The statistics schema for a block with no rows: carried columns keep their input types."""
-    one = pa.table({
-        "prompt_id": ["x", "x"], "sample_idx": [0, 1], "reward": [0.0, 1.0], "response_len": [1, 1],
-        "response": ["a", "b"],
-    })
-    out = prompt_stats(one, StatsParams(tau=params.tau, carry=())).slice(0, 0)
-    out = out.set_column(0, "prompt_id", table.column("prompt_id").slice(0, 0))
-    for i, c in enumerate(c for c in params.carry if c in table.column_names):
-        out = out.add_column(1 + i, c, table.column(c).slice(0, 0))
-    if "messages" in table.column_names:
-        out = out.append_column("messages", table.column("messages").slice(0, 0))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,26 +429,60 @@ def _empty_stats(table: pa.Table, params: StatsParams) -> pa.Table:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def compute_norms(ds, aspects: list[str], mode: str, rho: float) -> PDNorms:
-    """Data-set-wide aspect normalisation from one streaming pass; only a dict of sums reaches the driver.
+def response_leaves(schema: pa.Schema, with_length: bool) -> list[str]:
+    """The parquet leaf paths a pass over the response scores reads: never the texts, unless a length must
+    come from them (data without a `len` field, with length debiasing on)."""
+    item = _response_type(schema)
+    names = [item.field(i).name for i in range(item.num_fields)] if item is not None else []
+    want = ["overall", "problem", "scores", "sample_idx"] + (["len"] if with_length else [])
+    if with_length and "len" not in names:
+        want.append("text")
+    return [f"responses.list.element.{n}" for n in want if n in names]
 
-    The pass reads only the length and aspect columns (the projection reaches the parquet reader)."""
-    cols = ["response_len", *(ASPECT_PREFIX + a for a in aspects)]
-    parts = ds.select_columns(cols).map_batches(
-        lambda t: pa.Table.from_pylist([sufficient_sums(t, aspects)]), batch_format="pyarrow", batch_size=None,
-    ).take_all()  # one small row per block; no shuffle
-    keys = [f"{a}:{s}" for a in aspects for s in ("n", "v", "vv", "x", "xx", "xv")] + ["len:n", "len:v", "len:vv"]
-    return norms_from_sums({k: float(sum(p.get(k) or 0.0 for p in parts)) for k in keys}, aspects, mode, rho)
+
+def block_sums(table: pa.Table, aspects: list[str]) -> dict[str, float]:
+    """Response count and the norms' sums over the good responses of a table of score leaves."""
+    flat = flatten(table.column("responses"))
+    f, n = flat.fields, flat.count
+    reward, reward_null = floats(f.get("overall"), n)
+    values = aspect_values(f.get("scores"), n)
+    text_missing = pc.is_null(f["text"]).to_numpy(zero_copy_only=False) if "text" in f else np.zeros(n, bool)
+    good = is_good(response_reasons(f.get("problem"), np.asarray(text_missing, bool), reward, reward_null,
+                                    values))
+    if "len" in f:
+        length = pc.fill_null(pc.cast(f["len"], pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+    elif "text" in f:
+        length = pc.fill_null(pc.utf8_length(pc.cast(f["text"], pa.string())), 0).to_numpy(zero_copy_only=False)
+    else:
+        length = np.zeros(n)
+    sums = sufficient_sums(np.asarray(length, np.float64)[good],
+                           {a: values[a][0][good] if a in values else np.zeros(0) for a in aspects})
+    sums["responses"] = float(n)
+    return sums
 
 
-def grouped_stats(ds, params: StatsParams, num_partitions: int):
-    """Co-locate each prompt's rows with one hash shuffle, then run the vectorised statistics per block.
+def _file_sums(fs, path: str, leaves: list[str], aspects: list[str]) -> dict[str, float]:
+    import pyarrow.parquet as pq
 
-    This is what `groupby(...).map_groups` does internally, minus its per-group Python call: after
-    `repartition(keys=...)` each partition is one block holding whole groups (Ray does not split these
-    blocks), and `batch_size=None` hands over whole blocks. The shuffle does not sort (`sort=False`):
-    `prompt_stats` sorts by (prompt_id, sample_idx) itself, so a sorting reduce would sort twice.
-    """
-    shuffled = ds.repartition(num_partitions, keys=["prompt_id"], sort=False)
-    return shuffled.map_batches(prompt_stats, fn_kwargs={"params": params}, batch_format="pyarrow",
-                                batch_size=None)
+    with fs.open_input_file(path) as f:
+        table = pq.ParquetFile(f).read(columns=leaves)
+    return block_sums(table, aspects)
+
+
+def response_pass(fs, files: list[str], schema: pa.Schema, aspects: list[str],
+                  with_length: bool) -> dict[str, float]:
+    """One Ray task per parquet file of a stage reads only the score leaves of `responses` (parquet column
+    projection into the list of structs) and returns a dict of sums: the response count and the PD norms'
+    sufficient statistics. No shuffle, no text read, only the sums reach the driver."""
+    import ray
+
+    leaves = response_leaves(schema, with_length)
+    task = ray.remote(num_cpus=0.5)(_file_sums)
+    parts = ray.get([task.remote(fs, p, leaves, aspects) for p in files])
+    keys = {k for p in parts for k in p}
+    return {k: float(sum(p.get(k, 0.0) for p in parts)) for k in keys}
+
+
+def stats_map(ds, params: StatsParams):
+    """The statistics as a map over whole prompt rows: no shuffle, each block on its own."""
+    return ds.map_batches(prompt_stats, fn_kwargs={"params": params}, batch_format="pyarrow", batch_size=None)

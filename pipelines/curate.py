@@ -9,13 +9,12 @@ rerun with the same config skips the stages that are already complete.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import asdict, replace
 
 from operators.base import InputError, apply
-from operators.ingest import count_responses, explode_rated
+from operators.ingest import ingest_rated
 from operators.read import (
     binarized_to_rated,
     check_input_columns,
@@ -27,35 +26,28 @@ from operators.read import (
     read_input,
     validate_prompts,
 )
-from operators.stats import StatsParams, aspect_names, carry_columns, compute_norms, grouped_stats
+from operators.stats import (
+    StatsParams,
+    aspect_names,
+    carry_columns,
+    norms_from_sums,
+    response_pass,
+    stats_map,
+)
 from pipelines.runtime.config import ConfigError, CurateConfig, fingerprint, model_path, resolve_path, to_dict
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
 from pipelines.runtime.ray_start import init_ray
-from pipelines.runtime.stages import column_sums, read_stage, run_stage
+from pipelines.runtime.stages import column_sums, read_stage, run_stage, stage_files
 from pipelines.select import run_selection
 
-PARTITION_BYTES = 64 << 20  # parquet bytes of input per hash partition (~2-3x that in memory)
-
-
-def partitions_for(rows: int, override: int | None = None, nbytes: int = 0) -> int:
-    """Hash partitions for the statistics shuffle: one per ~64 MB of parquet input (or ~200k rows when the
-    size is unknown, as on object stores), at least one per CPU of the cluster so every core reduces, at
-    most 200. Each partition is a reduce task with a fixed cost (~0.15 s on 2 cores), so fewer, larger
-    partitions are faster as long as one fits in a task's memory: at 10M rows, 7 partitions took 17-18 s
-    where 50 took 22 s."""
-    if override:
-        return override
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
-    by_size = math.ceil(nbytes / PARTITION_BYTES) if nbytes else math.ceil(rows / 200_000)
-    return max(2, min(200, max(by_size, cpus)))
+KEY_PARTITION_BYTES = 1 << 30  # input bytes per partition of the duplicate-id shuffle, which moves ids only
 
 
 def read_partitions(path: str) -> int:
-    """Partitions for the duplicate-id shuffle from the input size (~64 MB each): no extra pass to size it."""
-    return max(2, min(200, input_bytes(path) // PARTITION_BYTES + 1))
+    """Partitions for the duplicate-id shuffle from the input size: it carries the ids alone (a few percent
+    of the bytes), so one per GB of input, at least 2, at most 200; no extra pass to size it."""
+    return max(2, min(200, input_bytes(path) // KEY_PARTITION_BYTES + 1))
 
 
 def input_bytes(path: str) -> int:
@@ -117,9 +109,11 @@ def main(cfg: CurateConfig) -> dict:
                             row_schema, in_path)
         ds = ds.map_batches(validate_prompts, fn_kwargs={"schema": row_schema, "source": source},
                             batch_format="pyarrow")
+        if row_schema == "rated":  # the shared rated schema, validated in place: statistics read it directly
+            ds = ds.map_batches(ingest_rated, batch_format="pyarrow")
         return dedupe_prompts(ds, read_partitions(in_path))
 
-    read_fp = fingerprint(cfg.input, input_stamp(in_path))
+    read_fp = fingerprint(cfg.input, input_stamp(in_path), "per-prompt-v1")
     with input_errors():
         read = run_stage(run, "prompts", read_fp, build_read, rows_in=None, unit_in="prompt", unit_out="prompt")
     if read.rows_out == 0:
@@ -127,51 +121,50 @@ def main(cfg: CurateConfig) -> dict:
         raise InputError(f"input {in_path}: no usable rows; all {read.rows_in} were quarantined ({reasons}), "
                          f"see {run.uri_of('quarantine', 'prompts')}")
 
-    # --- generate -> score, or ingest the ratings that came with the data --------------------------------
+    # --- generate -> score (one row per prompt, K responses in a list); rated data is scored already -----
     if schema == "prompts":
         from operators.generate import Generator, generator_resources
         from operators.score import RewardScorer, scorer_resources
 
-        k = cfg.generate.num_samples
         gen_fp = fingerprint(read_fp, cfg.generate, cfg.run.seed)
         run_stage(
             run, "samples", gen_fp,
             lambda: apply(read_stage(run, "prompts"), Generator, generator_resources(cfg.generate),
                           cfg=cfg.generate, seed=cfg.run.seed),
-            rows_in=read.rows_out, out_as_input=lambda _ds, rows: rows // k, unit_in="prompt", unit_out="sample",
+            rows_in=read.rows_out, unit_in="prompt", unit_out="prompt",
         )
         scored_fp = fingerprint(gen_fp, cfg.score)
-        scored = run_stage(
+        run_stage(
             run, "scored", scored_fp,
             lambda: apply(read_stage(run, "samples"), RewardScorer, scorer_resources(cfg.score), cfg=cfg.score),
-            rows_in=run.stage_record("samples").rows_out, unit_in="sample", unit_out="response",
+            rows_in=run.stage_record("samples").rows_out, unit_in="prompt", unit_out="prompt",
         )
+        rated_stage = "scored"
     else:
-        scored_fp = fingerprint(read_fp, "ingest-v1")
-        scored = run_stage(
-            run, "scored", scored_fp,
-            lambda: read_stage(run, "prompts").map_batches(explode_rated, batch_format="pyarrow"),
-            rows_in=lambda: int(column_sums(read_stage(run, "prompts", columns=["responses"])
-                                            .map_batches(count_responses, batch_format="pyarrow"), ["k"])["k"]),
-            unit_in="response", unit_out="response",
-        )
+        scored_fp, rated_stage = read_fp, "prompts"
 
-    # --- statistics per prompt: one hash shuffle groups each prompt's responses -------------------------
+    # --- statistics per prompt: a map over whole prompt rows, no shuffle --------------------------------
     stats_fp = fingerprint(scored_fp, cfg.stats)
+    responses_in: dict[str, float] = {}
 
     def build_stats():
-        ds = read_stage(run, "scored")
-        aspects = aspect_names(ds.schema().names)
-        norms = compute_norms(ds, aspects, cfg.stats.length_debias, cfg.stats.debias_rho) if aspects else None
+        ds = read_stage(run, rated_stage)
+        schema = ds.schema()
+        aspects = aspect_names(schema)
+        # One pass over the score leaves only: the response count and, with aspects, PD's data-set-wide sums.
+        sums = response_pass(run.fs, stage_files(run, rated_stage), schema, aspects,
+                             with_length=bool(aspects) and cfg.stats.length_debias != "none")
+        responses_in["n"] = sums.get("responses", 0.0)
+        norms = norms_from_sums(sums, aspects, cfg.stats.length_debias, cfg.stats.debias_rho) if aspects else None
         run.set("stats_params", {"tau": cfg.stats.tau, "pd_target": cfg.stats.pd_target, "aspects": aspects,
                                  "norms": asdict(norms) if norms else None})
-        carry = carry_columns(read_stage(run, "prompts").schema().names, ds.schema().names)
-        params = StatsParams(tau=cfg.stats.tau, pd_target=cfg.stats.pd_target, norms=norms, carry=carry)
-        parts = partitions_for(scored.rows_out, cfg.stats.num_partitions, input_bytes(run.uri_of("scored")))
-        return grouped_stats(ds, params, parts)
+        params = StatsParams(tau=cfg.stats.tau, pd_target=cfg.stats.pd_target, norms=norms,
+                             carry=carry_columns(schema.names))
+        return stats_map(ds, params)
 
-    run_stage(run, "stats", stats_fp, build_stats, rows_in=scored.rows_out,
-              out_as_input=lambda good, _rows: int(column_sums(good, ["n"])["n"]), unit_in="response", unit_out="prompt")
+    run_stage(run, "stats", stats_fp, build_stats, rows_in=lambda: int(responses_in["n"]),
+              out_as_input=lambda good, _rows: int(column_sums(good, ["n"])["n"]),
+              unit_in="response", unit_out="prompt")
 
     # --- selection and pairs ------------------------------------------------------------------------------
     out = run_selection(run, cfg, stats_fp)

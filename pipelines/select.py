@@ -10,32 +10,38 @@ import os
 import sys
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from operators.pairs import build_pairs, join_selection, keep_selected
+from operators.pairs import DECISION_COLUMNS, build_pairs, join_selection
 from operators.select import SELECT_COLUMNS, Budget, RuleParams, select
 from pipelines.runtime.config import CurateConfig, SelectCfg, fingerprint, to_dict
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
-from pipelines.runtime.stages import column_sums, read_stage, run_stage
+from pipelines.runtime.stages import read_stage, run_stage
 
 
 def key_columns(run: RunDir, cfg: SelectCfg) -> pa.Table:
     """Only the columns a rule decides on reach the driver (a few numbers per prompt, never the texts)."""
-    import ray
-
     stats = read_stage(run, "stats")
     have = set(stats.schema().names)
     cols = [c for c in (*SELECT_COLUMNS, cfg.column, cfg.stratify_by) if c and c in have]
-    refs = stats.select_columns(sorted(set(cols))).to_arrow_refs()
-    tables = [t for t in ray.get(refs) if t.num_rows]
+    return collect(stats.select_columns(sorted(set(cols))))
+
+
+def collect(ds) -> pa.Table:
+    import ray
+
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables, promote_options="default") if tables else pa.table({"prompt_id": []})
 
 
 def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str) -> dict:
-    """select -> pairs, two stages of the run folder."""
+    """select -> pairs, two stages of the run folder. selection/ holds keys and decisions only."""
+    import ray
+
     sc = cfg.select
     seed = cfg.run.seed if sc.seed is None else sc.seed
-    select_fp = fingerprint(stats_fp, sc, seed)
+    select_fp = fingerprint(stats_fp, sc, seed, "keys-v1")
 
     def build_selection():
         keys = key_columns(run, sc)
@@ -43,21 +49,22 @@ def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str) -> dict:
                           RuleParams(seed=seed, margin_tau=sc.margin_tau, sft_quantile=sc.sft_quantile,
                                      column=sc.column, min=sc.min, max=sc.max),
                           stratify_by=sc.stratify_by)
-        return read_stage(run, "stats").map_batches(
-            join_selection, fn_kwargs={"selection": decision}, batch_format="pyarrow", batch_size=None)
+        step = max(1, -(-decision.num_rows // max(1, os.cpu_count() or 1)))
+        return ray.data.from_arrow([decision.slice(i, step) for i in range(0, max(decision.num_rows, 1), step)])
 
     sel = run_stage(run, "selection", select_fp, build_selection, rows_in=lambda: run.stage_record("stats").rows_out,
                     unit_in="prompt", unit_out="prompt")
+    chosen: dict[str, pa.Table] = {}
 
     def build_pairs_ds():
-        return read_stage(run, "selection").map_batches(keep_selected, batch_format="pyarrow", batch_size=None) \
+        keys = collect(read_stage(run, "selection", columns=["prompt_id", *DECISION_COLUMNS]))
+        chosen["keys"] = keys.filter(pc.fill_null(keys.column("selected"), False)) if keys.num_rows else keys
+        return read_stage(run, "stats").map_batches(join_selection, fn_kwargs={"selection": chosen["keys"]},
+                                                    batch_format="pyarrow", batch_size=None) \
             .map_batches(build_pairs, batch_format="pyarrow", batch_size=None)
 
-    def n_selected() -> int:
-        return int(column_sums(read_stage(run, "selection", columns=["selected"]), ["selected"])["selected"])
-
-    pairs = run_stage(run, "pairs", fingerprint(select_fp, "pairs-v1"), build_pairs_ds, rows_in=n_selected,
-                      unit_in="selected prompt", unit_out="pair")
+    pairs = run_stage(run, "pairs", fingerprint(select_fp, "pairs-v1"), build_pairs_ds,
+                      rows_in=lambda: chosen["keys"].num_rows, unit_in="selected prompt", unit_out="pair")
     return {"selection": sel, "pairs": pairs}
 
 

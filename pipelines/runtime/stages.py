@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL
+from operators.stats import QUARANTINE_SAMPLE
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import SUCCESS, RunDir, StageRecord
 
@@ -24,14 +25,16 @@ def _good(table: pa.Table) -> pa.Table:
     if QUARANTINE not in table.column_names:
         return table
     keep = table.filter(pc.is_null(table.column(QUARANTINE)))
-    return keep.drop_columns([c for c in (QUARANTINE, QUARANTINE_DETAIL) if c in keep.column_names])
+    return keep.drop_columns([c for c in keep.column_names if c.startswith(QUARANTINE)])
 
 
 def _bad(table: pa.Table) -> pa.Table:
     if QUARANTINE not in table.column_names:
         return table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
     bad = table.filter(pc.is_valid(table.column(QUARANTINE)))
-    names = {QUARANTINE: "reason", QUARANTINE_DETAIL: "detail"}
+    # A stage that quarantines single responses of a prompt row (the statistics) names the response's
+    # sample_idx beside the prompt_id.
+    names = {QUARANTINE: "reason", QUARANTINE_DETAIL: "detail", QUARANTINE_SAMPLE: "sample_idx"}
     return bad.rename_columns([names.get(c, c) for c in bad.column_names])
 
 
@@ -51,6 +54,11 @@ def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
     import ray
 
     return ray.data.read_parquet(run.path(stage), filesystem=run.fs, columns=columns, file_extensions=["parquet"])
+
+
+def stage_files(run: RunDir, stage: str) -> list[str]:
+    """The parquet shards of a stage, as paths on `run.fs`."""
+    return sorted(f.path for f in run.fs.get_file_info(pafs_selector(run.path(stage))) if f.path.endswith(".parquet"))
 
 
 def count_reasons(run: RunDir, stage: str) -> dict[str, int]:

@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 
 from operators.base import QUARANTINE
 from operators.stats import (
+    QUARANTINE_SAMPLE,
     AspectNorm,
     PDNorms,
     StatsParams,
     best_worst,
+    block_sums,
     chunk_bounds,
     implied_rewards,
     normalized_aspect,
@@ -119,8 +121,24 @@ def test_preference_divergence_by_hand():
 
 
 def long_table(rows):
-    cols = {k: [r[k] for r in rows] for k in rows[0]}
-    return pa.table(cols)
+    """Response rows (the tests' readable form) as the per-prompt layout the statistics read: one row per
+    prompt, in first-seen order, its responses as a list of structs in the order given."""
+    prompts: dict = {}
+    for r in rows:
+        resp = {"text": r["response"], "sample_idx": r["sample_idx"], "overall": r["reward"],
+                "len": r["response_len"]}
+        if "label" in r:
+            resp["label"] = r["label"]
+        aspects = {k[len("reward__"):]: v for k, v in r.items() if k.startswith("reward__")}
+        if aspects:
+            resp["scores"] = aspects
+        prompts.setdefault(r["prompt_id"], []).append(resp)
+    return pa.Table.from_pylist([{"prompt_id": p, "prompt": f"q-{p}", "responses": rs} for p, rs in prompts.items()])
+
+
+def sums_of(t: pa.Table, aspects):
+    return sufficient_sums(np.asarray(t.column("response_len").to_pylist(), float),
+                           {a: np.asarray(t.column("reward__" + a).to_pylist(), float) for a in aspects})
 
 
 def test_prompt_stats_by_hand_and_quarantine():
@@ -179,7 +197,7 @@ def test_prompt_stats_pd_by_hand_with_z_scores():
          "reward__x": 2.0, "reward__y": 2.0},
     ]
     t = long_table(rows)
-    norms = norms_from_sums(sufficient_sums(t, ["x", "y"]), ["x", "y"], "none", 1.0)
+    norms = norms_from_sums(sums_of(pa.Table.from_pylist(rows), ["x", "y"]), ["x", "y"], "none", 1.0)
     # x: mean 2, population std sqrt(2); y: mean 2, std sqrt(0.5)
     assert norms.aspects["x"].mean == pytest.approx(2.0) and norms.aspects["x"].std == pytest.approx(math.sqrt(2))
     assert norms.aspects["y"].std == pytest.approx(math.sqrt(0.5))
@@ -197,7 +215,7 @@ def test_length_debias_modes_by_hand():
     lengths = np.array([1.0, 2.0, 3.0, 4.0])
     v = np.array([1.0, 2.0, 3.0, 4.0])  # perfectly length-driven
     t = pa.table({"response_len": lengths.astype(int), "reward__a": v})
-    sums = sufficient_sums(t, ["a"])
+    sums = sums_of(t, ["a"])
     # residual: the log-length fit explains nothing exactly linear in len, but the residual has mean 0
     res = norms_from_sums(sums, ["a"], "residual", 1.0)
     z = normalized_aspect(v, lengths, res.aspects["a"], res)
@@ -215,7 +233,7 @@ def test_residual_removes_length_correlation():
     lengths = rng.integers(5, 500, 400).astype(float)
     v = 0.8 * np.log1p(lengths) + rng.normal(0, 0.3, 400)
     t = pa.table({"response_len": lengths.astype(int), "reward__a": v})
-    res = norms_from_sums(sufficient_sums(t, ["a"]), ["a"], "residual", 1.0)
+    res = norms_from_sums(sums_of(t, ["a"]), ["a"], "residual", 1.0)
     z = normalized_aspect(v, lengths, res.aspects["a"], res)
     assert abs(pearson(z, np.log1p(lengths))) < 1e-9
     assert abs(pearson(v, np.log1p(lengths))) > 0.5
@@ -247,8 +265,8 @@ def test_vectorised_stats_equal_per_prompt_math(groups):
 @given(st.lists(st.lists(st.floats(-5, 5, allow_nan=False), min_size=2, max_size=5), min_size=2, max_size=12),
        st.randoms(use_true_random=False))
 def test_row_order_does_not_change_the_statistics(groups, rnd):
-    """Shuffled rows (the full sort), prompt-sorted rows with samples out of order (the in-prompt reorder) and
-    sorted rows (no reorder) give the same statistics."""
+    """Prompts in another order, and responses listed out of sample_idx order, give the same statistics
+    (best and worst stay first in sample_idx order on ties)."""
     rows = [{"prompt_id": f"p{g:02d}", "sample_idx": i, "reward": r, "response": f"{g}-{i}", "response_len": i + 1}
             for g, rewards in enumerate(groups) for i, r in enumerate(rewards)]
     shuffled = rows[:]
@@ -256,7 +274,11 @@ def test_row_order_does_not_change_the_statistics(groups, rnd):
     in_prompt = sorted(rows, key=lambda r: (r["prompt_id"], -r["sample_idx"]))
     outs = [prompt_stats(long_table(x), StatsParams(), max_cells=40).sort_by("prompt_id").to_pylist()
             for x in (rows, shuffled, in_prompt)]
-    assert outs[0] == outs[1] == outs[2]
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o, strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k] == pytest.approx(b[k], abs=1e-12) if isinstance(a[k], float) else a[k] == b[k], k
     assert [o["n"] for o in outs[0]] == [len(g) for g in groups]
 
 
@@ -273,8 +295,38 @@ def test_chunk_bounds_cover_every_group_once_under_the_cap(sizes, cap):
             assert (g1 + 1 - g0) * int(sizes[g0:g1 + 1].max()) ** 2 > cap
 
 
-def test_null_prompt_ids_form_one_group_after_the_others():
-    rows = [{"prompt_id": pid, "sample_idx": i, "reward": float(r), "response": "x", "response_len": 1}
-            for pid, i, r in [("b", 0, 1), (None, 0, 5), ("a", 0, 2), (None, 1, 3), ("b", 1, 4), ("a", 1, 0)]]
-    out = prompt_stats(long_table(rows), StatsParams()).to_pylist()
-    assert [(o["prompt_id"], o["n"], o["margin"]) for o in out] == [("a", 2, 2.0), ("b", 2, 3.0), (None, 2, 2.0)]
+def test_bad_responses_are_quarantined_one_by_one_and_the_prompt_keeps_the_others():
+    def r(text, overall, i, **extra):
+        return {"text": text, "sample_idx": i, "overall": overall, **extra}
+
+    t = pa.Table.from_pylist([
+        {"prompt_id": "a", "responses": [r("x", 1.0, 0), r("y", float("nan"), 1), r(None, 2.0, 2), r("z", 3.0, 3),
+                                         r("w", 1e300, 4), r("v", None, 5), r("u", 2.0, 6, problem="wrong_type_text")]},
+        {"prompt_id": "b", "responses": [r("x", 1.0, 0), r("y", -1e308, 1)]},  # left with one: set aside
+        {"prompt_id": "c", "responses": [r("x", float("inf"), 0), r("y", float("-inf"), 1)]},  # left with none
+        {"prompt_id": "d", "responses": [r("x", 1.0, 0, scores={"h": 1.0}), r("y", 2.0, 1, scores={"h": None}),
+                                         r("z", 0.0, 2, scores={"h": float("nan")}), r("s", 0.5, 3, scores={"h": 2e6})]},
+    ])
+    out = prompt_stats(t, StatsParams()).to_pylist()
+    stats = {o["prompt_id"]: o for o in out if o[QUARANTINE_SAMPLE] is None}
+    bad = {(o["prompt_id"], o[QUARANTINE_SAMPLE]): o[QUARANTINE] for o in out if o[QUARANTINE_SAMPLE] is not None}
+    assert bad == {("a", 1): "non_finite_reward", ("a", 2): "missing_response", ("a", 4): "reward_out_of_range",
+                   ("a", 5): "missing_reward", ("a", 6): "wrong_type_text", ("b", 1): "reward_out_of_range",
+                   ("c", 0): "non_finite_reward", ("c", 1): "non_finite_reward",
+                   ("d", 2): "non_finite_aspect_score", ("d", 3): "aspect_score_out_of_range"}
+    a = stats["a"]
+    assert (a["n"], a["margin"], a["best_idx"], a["worst_idx"], a["best_response"]) == (2, 2.0, 3, 0, "z")
+    assert a[QUARANTINE] is None and stats["b"][QUARANTINE] == "fewer_than_2_responses" and stats["b"]["n"] == 1
+    assert "c" not in stats  # every response quarantined: the responses' rows account for the prompt
+    assert stats["d"]["n"] == 2 and stats["d"]["margin"] == 1.0  # a null aspect is allowed
+    # counted in responses: 7 + 2 + 2 + 4 in = 2 + 1 + 0 + 2 out + 10 quarantined (b's one counts once)
+    assert sum(s["n"] for s in stats.values() if s[QUARANTINE] is None) + len(bad) + 1 == 15
+
+
+def test_block_sums_skip_bad_responses_and_count_all():
+    t = pa.Table.from_pylist([{"responses": [
+        {"overall": 1.0, "len": 3, "scores": {"h": 1.0}}, {"overall": float("nan"), "len": 5, "scores": {"h": 9.0}},
+        {"overall": 2.0, "len": 7, "scores": {"h": 3.0}}, {"overall": 2.0, "len": 1, "problem": "x", "scores": {"h": 5.0}},
+    ]}])
+    s = block_sums(t, ["h"])
+    assert s["responses"] == 4 and s["h:n"] == 2 and s["h:v"] == 4.0 and s["len:v"] == 10.0

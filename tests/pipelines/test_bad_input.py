@@ -121,6 +121,8 @@ RATED = [
      "duplicate responses in one prompt"),
     (line(prompt_id="long", prompt="p", responses=[resp("long " * 40_000, 2.0), resp("short", 1.0)]),
      "a 200k-character response"),
+    (line(prompt_id="huge", prompt="p", responses=[resp("x", 1e308), resp("y", -1e308, q=1.0), *GOOD[:2]]),
+     "finite rewards too large to square"),
 ]
 def file_line(i: int) -> int:
     return i + 1 + i // 5  # a blank line follows every fifth row
@@ -128,7 +130,7 @@ def file_line(i: int) -> int:
 
 WHERE = {what: file_line(i) for i, (_, what) in enumerate(RATED)}
 GOOD_IDS = {"ok1", "ok2", "42", "emoji", "dup", "ostr", "sbad", "tnull", "tempty", "nan", "nanasp", "rmiss",
-            "dupresp", "long"}
+            "dupresp", "long", "huge"}
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +186,7 @@ def test_lone_surrogate_quarantined_and_a_pair_kept(rated_run):
 
 def test_extra_columns_are_carried_to_the_outputs(rated_run):
     out, _ = rated_run
-    for stage in ("prompts", "scored", "stats", "pairs"):
+    for stage in ("prompts", "stats", "pairs"):
         rows = {r["prompt_id"]: r for r in pq.read_table(out / stage).to_pylist()}
         assert rows["ok1"]["lang"] == "en" and rows["ok2"]["lang"] == "fr", stage
         assert json.loads(rows["ok1"]["meta"]) == {"k": 1}, stage  # non-text values as JSON text
@@ -220,7 +222,7 @@ def test_responses_not_a_list_quarantined(rated_run):
 
 def test_string_scores_quarantine_their_responses_only(rated_run):
     out, _ = rated_run
-    scored_q = [r for r in quarantine(out, "scored") if r["prompt_id"] == "ostr"]
+    scored_q = [r for r in quarantine(out, "stats") if r["prompt_id"] == "ostr"]
     assert sorted(r["sample_idx"] for r in scored_q) == [0, 1]  # "7" and "good": a score is a JSON number
     assert {r["reason"] for r in scored_q} == {"wrong_type_overall"}
     stats = {s["prompt_id"]: s for s in pq.read_table(out / "stats").to_pylist()}
@@ -229,7 +231,7 @@ def test_string_scores_quarantine_their_responses_only(rated_run):
 
 def test_wrong_type_scores_response_and_text(rated_run):
     out, _ = rated_run
-    q = {r["sample_idx"]: r["reason"] for r in quarantine(out, "scored") if r["prompt_id"] == "sbad"}
+    q = {r["sample_idx"]: r["reason"] for r in quarantine(out, "stats") if r["prompt_id"] == "sbad"}
     assert q == {0: "wrong_type_scores", 1: "wrong_type_response", 2: "wrong_type_text"}
 
 
@@ -263,13 +265,15 @@ def test_fewer_than_two_responses(rated_run):
     out, _ = rated_run
     q = reasons_by_id(out, "prompts")
     assert q["single"] == q["rnull"] == q["rnone"] == {"fewer_than_2_responses"}
-    # left with one valid response after scoring: set aside at the statistics
-    assert reasons_by_id(out, "stats") == {"inf": {"fewer_than_2_responses"}}
+    # left with one valid response: set aside at the statistics, beside its quarantined response
+    prompt_level = {r["prompt_id"]: r["reason"] for r in quarantine(out, "stats") if r["sample_idx"] is None}
+    assert prompt_level == {"inf": "fewer_than_2_responses"}
+    assert reasons_by_id(out, "stats")["inf"] == {"fewer_than_2_responses", "non_finite_reward"}
 
 
 def test_null_text_quarantined_and_empty_text_kept(rated_run):
     out, _ = rated_run
-    assert [r["reason"] for r in quarantine(out, "scored") if r["prompt_id"] == "tnull"] == ["missing_response"]
+    assert [r["reason"] for r in quarantine(out, "stats") if r["prompt_id"] == "tnull"] == ["missing_response"]
     stats = {s["prompt_id"]: s for s in pq.read_table(out / "stats").to_pylist()}
     # an empty answer that was rated is a real (bad) answer: it stays and loses the pair
     assert stats["tempty"]["n"] == 2 and stats["tempty"]["worst_response"] == ""
@@ -277,13 +281,22 @@ def test_null_text_quarantined_and_empty_text_kept(rated_run):
 
 def test_nan_and_inf_scores(rated_run):
     out, _ = rated_run
-    q = {(r["prompt_id"], r["reason"]) for r in quarantine(out, "scored")}
+    q = {(r["prompt_id"], r["reason"]) for r in quarantine(out, "stats")}
     assert {("nan", "non_finite_reward"), ("inf", "non_finite_reward"), ("nanasp", "non_finite_aspect_score")} <= q
+
+
+def test_rewards_too_large_to_square_are_quarantined(rated_run):
+    out, _ = rated_run
+    q = {r["sample_idx"]: r["reason"] for r in quarantine(out, "stats") if r["prompt_id"] == "huge"}
+    assert q == {0: "reward_out_of_range", 1: "reward_out_of_range"}
+    stats = {s["prompt_id"]: s for s in pq.read_table(out / "stats").to_pylist()}
+    assert stats["huge"]["n"] == 2 and math.isfinite(stats["huge"]["reward_std"])
+    assert all(math.isfinite(s["reward_std"]) and math.isfinite(s["margin"]) for s in stats.values())
 
 
 def test_missing_reward(rated_run):
     out, _ = rated_run
-    assert [r["reason"] for r in quarantine(out, "scored") if r["prompt_id"] == "rmiss"] == ["missing_reward"]
+    assert [r["reason"] for r in quarantine(out, "stats") if r["prompt_id"] == "rmiss"] == ["missing_reward"]
 
 
 def test_all_equal_rewards(rated_run):
@@ -307,8 +320,8 @@ def test_duplicate_responses_within_a_prompt_are_kept(rated_run):
 
 def test_very_long_response_passes_through(rated_run):
     out, _ = rated_run
-    scored = [r for r in pq.read_table(out / "scored").to_pylist() if r["prompt_id"] == "long"]
-    assert max(r["response_len"] for r in scored) == 200_000
+    (row,) = [r for r in pq.read_table(out / "prompts").to_pylist() if r["prompt_id"] == "long"]
+    assert max(r["len"] for r in row["responses"]) == 200_000
     pairs = {p["prompt_id"]: p for p in pq.read_table(out / "pairs").to_pylist()}
     assert len(pairs["long"]["chosen"]) == 200_000
 
@@ -353,7 +366,7 @@ def test_prompt_over_the_context_length_through_curate(gen_run):
     check_balance(m)
     s = m["stages"]["samples"]
     assert s["quarantined"] == {"prompt_too_long": 1}
-    assert s["rows_in"] == 4 and s["rows_out"] == 3 * 2  # g1, g2, m1 and too_long in; too_long set aside
+    assert s["rows_in"] == 4 and s["rows_out"] == 3  # g1, g2, m1 and too_long in; too_long set aside (prompts)
     assert reasons_by_id(gen_run, "samples") == {"too_long": {"prompt_too_long"}}
 
 
@@ -384,18 +397,19 @@ def test_a_response_far_past_the_reward_models_context_is_scored(tiny_models):
     from operators.score import RewardModelCfg, RewardScorer, ScoreCfg
 
     scorer = RewardScorer(ScoreCfg(models=[RewardModelCfg(path=tiny_models["reward"])], max_length=64))
-    batch = pa.table({"prompt_id": ["a", "b"], "sample_idx": [0, 0], "prompt": ["Tell me a story."] * 2,
-                      "response": ["Once upon a time " * 17_647, "Short."]})
-    out = scorer(batch).to_pylist()
-    assert [r[QUARANTINE] for r in out] == [None, None]
-    assert all(math.isfinite(r["reward"]) for r in out) and out[0]["response_len"] == 299_999
+    batch = pa.table({"prompt_id": ["a"], "prompt": ["Tell me a story."],
+                      "responses": [[{"text": "Once upon a time " * 17_647, "sample_idx": 0},
+                                     {"text": "Short.", "sample_idx": 1}]]})
+    out = scorer(batch).to_pylist()[0]
+    assert out[QUARANTINE] is None and [r["problem"] for r in out["responses"]] == [None, None]
+    assert all(math.isfinite(r["overall"]) for r in out["responses"]) and out["responses"][0]["len"] == 299_999
 
 
 def test_scoring_truncates_long_texts(gen_run):
     m = manifest(gen_run)
     assert m["stages"]["scored"]["quarantined"] == {}
-    scored = pq.read_table(gen_run / "scored").to_pylist()
-    assert len(scored) == 6 and all(math.isfinite(r["reward"]) for r in scored)
+    scored = [r for row in pq.read_table(gen_run / "scored").to_pylist() for r in row["responses"]]
+    assert len(scored) == 6 and all(math.isfinite(r["overall"]) and r["problem"] is None for r in scored)
 
 
 # --- errors before anything runs ----------------------------------------------------------------------------
@@ -620,5 +634,6 @@ def test_quarantine_reasons_are_counted_and_balanced_for_parquet(ray_local, tmp_
     m = manifest(out)
     check_balance(m)
     assert m["stages"]["prompts"]["quarantined"] == {"empty_prompt": 1}
-    assert m["stages"]["scored"]["quarantined"] == {"non_finite_reward": 1, "missing_reward": 1}
-    assert m["stages"]["stats"]["quarantined"] == {"fewer_than_2_responses": 1}
+    assert m["stages"]["stats"]["quarantined"] == {"non_finite_reward": 1, "missing_reward": 1,
+                                                   "fewer_than_2_responses": 1}
+    assert m["stages"]["stats"]["rows_in"] == 3 + 3 + 2  # responses of the prompts past the read

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -33,19 +32,19 @@ def table(out, stage):
 
 def test_every_prompt_has_k_samples_and_counts_balance(gen_run):
     out, cfg, _ = gen_run
-    samples = table(out, "samples")
-    per_prompt = Counter(s["prompt_id"] for s in samples)
-    assert set(per_prompt.values()) == {3}
-    assert len({(s["prompt_id"], s["sample_idx"]) for s in samples}) == len(samples)
+    samples = table(out, "samples")  # one row per prompt, its K samples as a list
+    assert len({s["prompt_id"] for s in samples}) == len(samples)
+    assert all([r["sample_idx"] for r in s["responses"]] == [0, 1, 2] for s in samples)
     m = json.loads((out / "manifest.json").read_text())
     st = m["stages"]
     for name, s in st.items():
         assert s["rows_in"] == s["rows_out_as_input"] + sum(s["quarantined"].values()), name
-    assert st["samples"]["rows_in"] == 14
+    assert st["samples"]["rows_in"] == 14 and st["samples"]["unit_out"] == "prompt"
     # Arena-Hard prompts longer than the 256-token context are set aside, not generated
     q = st["samples"]["quarantined"]
     assert set(q) <= {"prompt_too_long"}
-    assert st["samples"]["rows_out"] == 3 * (14 - q.get("prompt_too_long", 0))
+    assert st["samples"]["rows_out"] == 14 - q.get("prompt_too_long", 0) == len(samples)
+    assert st["stats"]["rows_in"] == 3 * len(samples) and st["stats"]["unit_in"] == "response"
     if q:
         qrows = pq.read_table(out / "quarantine" / "samples").to_pylist()
         assert all(r["reason"] == "prompt_too_long" for r in qrows)
@@ -54,24 +53,20 @@ def test_every_prompt_has_k_samples_and_counts_balance(gen_run):
 def test_scores_and_stats_agree(gen_run):
     out, _, _ = gen_run
     scored = table(out, "scored")
-    assert {"reward", "reward__helpfulness", "reward__correctness", "response_len"} <= set(scored[0])
-    for r in scored:
-        assert r["reward"] == pytest.approx((r["reward__helpfulness"] + r["reward__correctness"]) / 2)
-        assert r["response_len"] == len(r["response"])
-    by_prompt: dict[str, list] = {}
-    for r in scored:
-        by_prompt.setdefault(r["prompt_id"], []).append(r)
     stats = {s["prompt_id"]: s for s in table(out, "stats")}
-    assert set(stats) == set(by_prompt)
-    for pid, rows in by_prompt.items():
-        rows.sort(key=lambda r: r["sample_idx"])
-        rewards = [r["reward"] for r in rows]
-        s = stats[pid]
+    assert set(stats) == {r["prompt_id"] for r in scored}
+    for row in scored:
+        resp = row["responses"]
+        for r in resp:
+            assert r["overall"] == pytest.approx((r["scores"]["helpfulness"] + r["scores"]["correctness"]) / 2)
+            assert r["len"] == len(r["text"]) and r["problem"] is None
+        rewards = [r["overall"] for r in sorted(resp, key=lambda r: r["sample_idx"])]
+        s = stats[row["prompt_id"]]
         assert s["pvar"] == pytest.approx(pvar(rewards), abs=1e-12)
         assert s["margin"] == pytest.approx(max(rewards) - min(rewards), abs=1e-12)
         assert s["pd"] is not None  # two aspects: preference divergence is defined
-        best = rows[rewards.index(max(rewards))]
-        assert s["best_response"] == best["response"] and s["best_idx"] == best["sample_idx"]
+        best = resp[rewards.index(max(rewards))]
+        assert s["best_response"] == best["text"] and s["best_idx"] == best["sample_idx"]
 
 
 def test_pd_consensus_pairs(gen_run):

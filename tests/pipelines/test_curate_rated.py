@@ -107,9 +107,16 @@ def test_pairs_load_with_datasets(uf_run):
     assert {"prompt", "chosen", "rejected", "prompt_id", "margin", "pvar", "route", "order"} <= set(ds.column_names)
 
 
+def test_selection_holds_keys_and_decisions_only(uf_run):
+    out, _, _ = uf_run
+    sel = pq.read_table(out / "selection")
+    assert sel.column_names == ["prompt_id", "selected", "rank", "selector", "route", "order"]
+    assert sel.num_rows == 300 and sum(sel.column("selected").to_pylist()) == 30
+
+
 def test_rerun_skips_completed_stages_and_select_reuses_stats(uf_run):
     out, path, _ = uf_run
-    stages = ("prompts", "scored", "stats", "selection", "pairs")
+    stages = ("prompts", "stats", "selection", "pairs")
     marks = {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in stages}
     before = marks["stats"]
     cfg = run_cfg(out, **{"input.path": str(path), "select.rule": "pvar_top", "select.fraction": 0.1})
@@ -148,18 +155,24 @@ def test_arena_bench_many_responses(ray_local, real_data, tmp_path):
         assert stats[pid]["n"] == r["n"]
     assert len(read(tmp_path, "pairs")) == 10
     m = check_manifest(tmp_path)
-    assert m["stages"]["scored"]["rows_out"] == sum(r["n"] for r in ref.values())
+    assert m["stages"]["stats"]["rows_in"] == sum(r["n"] for r in ref.values())  # counted in responses
 
 
-def test_partitions_follow_input_size_and_cluster_cpus(ray_local):
-    """One hash partition per 64 MB of scored parquet, at least one per cluster CPU, at most 200; rows decide
-    when the size is unknown (object stores); an explicit stats.num_partitions wins."""
-    import ray
-
-    cpus = int(ray.cluster_resources()["CPU"])
-    mb = 1 << 20
-    assert curate.partitions_for(10_000_000, nbytes=414 * mb) == max(7, cpus)
-    assert curate.partitions_for(10_000_000) == 50  # 200k rows each without a size
-    assert curate.partitions_for(10, nbytes=1000) == max(2, cpus)
-    assert curate.partitions_for(10**9, nbytes=10**12) == 200
-    assert curate.partitions_for(10_000_000, override=3, nbytes=414 * mb) == 3
+def test_a_runs_rated_output_is_input_to_another_run(uf_run, tmp_path):
+    """prompts/ of a rated run (scored/ of a generated one) is the shared rated schema: another run reads it as
+    it is, here to recompute the statistics with another tau, and gets the same prompts and responses."""
+    out, path, _ = uf_run
+    again = tmp_path / "tau2"
+    curate.main(run_cfg(again, **{"input.path": str(out / "prompts"), "stats.tau": 2.0,
+                                  "select.rule": "pvar_top", "select.fraction": 0.1}))
+    ref = independent_stats(path, tau=2.0)
+    stats = {s["prompt_id"]: s for s in read(again, "stats")}
+    assert set(stats) == set(ref)
+    for pid, r in ref.items():
+        assert stats[pid]["pvar"] == pytest.approx(r["pvar"], abs=1e-12)
+        assert stats[pid]["margin"] == pytest.approx(r["margin"], abs=1e-12) and stats[pid]["tau"] == 2.0
+    first = {p["prompt_id"]: p for p in read(out, "prompts")}
+    second = {p["prompt_id"]: p for p in read(again, "prompts")}
+    assert first.keys() == second.keys()
+    assert all(first[k]["responses"] == second[k]["responses"] for k in first)
+    check_manifest(again)

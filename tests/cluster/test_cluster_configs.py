@@ -8,6 +8,7 @@ the operator too, a RayJob's time limit stops its work, and the shared claim can
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import re
 import shlex
@@ -44,24 +45,21 @@ def walk(node: Any) -> Iterator[tuple[str, Any]]:
             yield from walk(v)
 
 
+# Each pipeline module's typed config, imported lazily (train_dpo pulls in torch).
+CONFIG_CLASSES = {
+    "curate": "pipelines.runtime.config:CurateConfig",
+    "select": "pipelines.runtime.config:CurateConfig",
+    "train_dpo": "pipelines.train_dpo:TrainConfig",
+    "evaluate": "pipelines.evaluate:EvaluateConfig",
+    "run": "pipelines.run:RunConfig",
+    "audit": "pipelines.audit:AuditConfig",
+}
+
+
 def config_class(module: str):
-    from pipelines.runtime.config import CurateConfig
-
-    if module in ("curate", "select"):
-        return CurateConfig
-    if module == "train_dpo":
-        from pipelines.train_dpo import TrainConfig
-
-        return TrainConfig
-    if module == "evaluate":
-        from pipelines.evaluate import EvaluateConfig
-
-        return EvaluateConfig
-    if module == "run":
-        from pipelines.run import RunConfig
-
-        return RunConfig
-    raise AssertionError(f"no typed config known for pipelines.{module}")
+    assert module in CONFIG_CLASSES, f"no typed config known for pipelines.{module}"
+    path, name = CONFIG_CLASSES[module].split(":")
+    return getattr(importlib.import_module(path), name)
 
 
 def check_entrypoint(command: str, where: str) -> tuple[str, Any]:

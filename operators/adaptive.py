@@ -6,11 +6,12 @@ and after each round `decide` says which prompts get `step` more, up to `k_max`:
 
 * `rank`: the prompts whose current PVar estimate ranks in the top `keep` fraction of those still in play
   (that continued in the previous round).
-* `ucb`: the prompts below their cap whose upper bound, estimate + z * se, is at or above the current cut:
+* `ucb`: the prompts still in play whose upper bound, estimate + z * se, is at or above the current cut:
   the estimate that would just make the selection (the round(fraction * prompts)-th largest estimate over
   all prompts). se is the jackknife standard error of the PVar U-statistic, pooled over the prompts with
-  the same number of rewards, with the finite-population factor toward the k_max-sample PVar. A prompt
-  that stopped comes back when the cut falls to its bound. `ucb_prompt` uses each prompt's own se.
+  the same number of rewards, with the finite-population factor toward the k_max-sample PVar. With
+  `resume`, a prompt that stopped comes back when the cut falls to its bound. `ucb_prompt` uses each
+  prompt's own se.
 
 A prompt that can still make the cut keeps drawing to `k_max`, so a selected prompt gets as many samples for
 its chosen/rejected pair as without adaptive sampling; only prompts that cannot make it stop early.
@@ -40,6 +41,7 @@ class AdaptiveCfg:
     rule: str = "ucb"  # a name in RULES
     keep: float = 0.7  # rank: the fraction of the prompts still in play that continues
     z: float = 1.0  # ucb: continue while estimate + z * se >= the cut
+    resume: bool = False  # ucb: look again at prompts that stopped, which come back if the cut falls to them
     fraction: float = 0.1  # the selection fraction the cut is for (select.fraction of pvar_top)
     tau: float = 1.0  # the Bradley-Terry temperature of the PVar (stats.tau)
 
@@ -166,15 +168,14 @@ def _rank(state: RoundState, cfg: AdaptiveCfg) -> np.ndarray:
 
 
 def _bound(state: RoundState, cfg: AdaptiveCfg, pooled: bool) -> np.ndarray:
-    """estimate + z * se at or above the cut, over every prompt below its cap, stopped ones included: as the
-    prompts that continue regress from lucky estimates the cut falls, and a prompt that stopped just below it
-    must be able to come back, or it is selected on its few samples over prompts measured in full.
+    """estimate + z * se at or above the cut, for the prompts in play (all below their cap with `resume`:
+    the prompts that continue regress from lucky estimates and the cut falls toward a stopped one).
 
     se is the error of the estimate against the PVar of all k_max samples, the selection this stands in
     for: the first m of k_max exchangeable samples are a random subset of them, so the finite-population
     factor 1 - m/k_max applies (the U-statistic's leading variance term 4 zeta_1 (1/m - 1/k_max))."""
     cut = selection_cut(state.estimates, cfg.fraction)
-    out = np.ones(state.estimates.size, dtype=bool)
+    out = np.ones(state.estimates.size, dtype=bool) if cfg.resume else state.active.copy()
     if not math.isfinite(cut):
         return out
     m = np.isfinite(state.rewards).sum(axis=1)
@@ -182,7 +183,7 @@ def _bound(state: RoundState, cfg: AdaptiveCfg, pooled: bool) -> np.ndarray:
     se = pooled_se(se, m) if pooled else se
     se = se * np.sqrt(np.clip(1.0 - m / np.maximum(state.cap, 1), 0.0, 1.0))
     ucb = state.estimates + cfg.z * se
-    return ~np.isfinite(ucb) | (ucb >= cut)
+    return out & (~np.isfinite(ucb) | (ucb >= cut))
 
 
 def _ucb(state: RoundState, cfg: AdaptiveCfg) -> np.ndarray:
@@ -213,9 +214,10 @@ def decide(rewards, drawn, active, cfg: AdaptiveCfg, k_max=None) -> np.ndarray:
     """Which prompts continue into the next round (bool per prompt).
 
     `rewards`: per prompt the rewards of the samples drawn so far (a NaN-padded matrix, or lists with None
-    for a sample without a valid reward); `drawn`: samples drawn per prompt, valid or not; `active`: still
-    in the previous round (all True after the first; only `rank` reads it); `k_max`: the cap per prompt (an
-    int or one per prompt; default cfg.k_max). A prompt at its cap never continues."""
+    for a sample without a valid reward); `drawn`: samples drawn per prompt, valid or not; `active`:
+    continued in the previous round (all True in the first; read by `rank`, and by `ucb` without `resume`);
+    `k_max`: the cap per prompt (an int or one per prompt; default cfg.k_max). A prompt at its cap never
+    continues."""
     R = rewards if isinstance(rewards, np.ndarray) and rewards.ndim == 2 else padded(rewards)
     R = np.asarray(R, dtype=np.float64)
     drawn = np.asarray(drawn, dtype=np.int64)

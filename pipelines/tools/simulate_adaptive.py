@@ -47,8 +47,8 @@ class GridCfg:
     k0: list[int] = field(default_factory=lambda: [4])
     step: list[int] = field(default_factory=lambda: [2, 4])
     rule: list[str] = field(default_factory=lambda: ["rank", "ucb"])
-    keep: list[float] = field(default_factory=lambda: [0.7, 0.5])
-    z: list[float] = field(default_factory=lambda: [1.0, 0.5])
+    keep: list[float] = field(default_factory=lambda: [0.7])
+    z: list[float] = field(default_factory=lambda: [1.0, 1.5])
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,8 @@ def settings(cfg: SimulateCfg, pinned: set[str]) -> list[AdaptiveCfg]:
 
 def describe(s: AdaptiveCfg) -> str:
     key = RULE_PARAM.get(s.rule)
-    return f"{s.rule} {key}={getattr(s, key):g}" if key else s.rule
+    text = f"{s.rule} {key}={getattr(s, key):g}" if key else s.rule
+    return text + " resume" if s.resume and s.rule != "rank" else text
 
 
 def run(path: str, cfg: SimulateCfg, pinned: set[str]) -> list[dict]:
@@ -219,13 +220,13 @@ def run(path: str, cfg: SimulateCfg, pinned: set[str]) -> list[dict]:
         check_cfg(s)
         res = simulate(data, s, cfg.repeats, cfg.seed)
         rows.append({"data": os.path.basename(path), "prompts": int(data.counts.size), "rule": s.rule,
-                     "k0": s.k0, "step": s.step, "k_max": s.k_max, "keep": s.keep, "z": s.z,
+                     "k0": s.k0, "step": s.step, "k_max": s.k_max, "keep": s.keep, "z": s.z, "resume": s.resume,
                      "fraction": s.fraction, "tau": s.tau, "repeats": cfg.repeats, **res})
-    head = f"{'rule':<16} {'k0':>3} {'step':>4} {'share':>6} {'recall':>7} {'sd':>6} {'strict':>7} " \
+    head = f"{'rule':<21} {'k0':>3} {'step':>4} {'share':>6} {'recall':>7} {'sd':>6} {'strict':>7} " \
            f"{'even':>6} {'rounds':>6}"
     print(head)
     for r in rows:
-        print(f"{describe(AdaptiveCfg(rule=r['rule'], keep=r['keep'], z=r['z'])):<16} {r['k0']:>3} "
+        print(f"{describe(AdaptiveCfg(rule=r['rule'], keep=r['keep'], z=r['z'], resume=r['resume'])):<21} {r['k0']:>3} "
               f"{r['step']:>4} {r['sample_share']:>6.3f} {r['recall']:>7.3f} {r['recall_sd']:>6.3f} "
               f"{r['recall_strict']:>7.3f} {r['recall_even']:>6.3f} {r['rounds']:>6.1f}")
     for r in rows:

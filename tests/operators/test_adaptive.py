@@ -138,10 +138,12 @@ def test_ucb_pooled_se_and_resume():
     drawn = [3, 3, 4, 3]
     assert decide(ROUND, drawn, [True] * 4, AdaptiveCfg(rule="ucb", z=1.0, fraction=0.5), 6).tolist() == \
         [True, True, False, False]
-    # C stopped in an earlier round: ucb looks at it again (the cut may have fallen), rank does not.
+    # C stopped in an earlier round: at z = 2 its bound reaches the cut, so with resume it comes back.
     inactive_c = [True, True, True, False]
     assert decide(ROUND, drawn, inactive_c, AdaptiveCfg(rule="ucb", z=2.0, fraction=0.5), 6).tolist() == \
-        [True, True, False, True]
+        [True, True, False, False]
+    assert decide(ROUND, drawn, inactive_c, AdaptiveCfg(rule="ucb", z=2.0, fraction=0.5, resume=True),
+                  6).tolist() == [True, True, False, True]
     # at the cap nothing continues, whatever the bound
     assert not decide(ROUND, [6, 6, 6, 6], [True] * 4, AdaptiveCfg(rule="ucb", z=9.0, fraction=0.5), 6).any()
 

@@ -49,6 +49,16 @@ def read_columns(run: RunDir, stage: str, columns: list[str]) -> pa.Table | None
     return ds.to_table(columns=[c for c in columns if c in ds.schema.names])
 
 
+def stats_with_selection(run: RunDir) -> pa.Table | None:
+    """The statistics the plots need, with the selection's decisions joined on prompt_id when a selection
+    was made (selection/ holds the keys and decisions only, not a copy of the statistics)."""
+    stats = read_columns(run, "stats", ["prompt_id", "source", "pvar", "margin", "pd", "len_corr"])
+    decisions = read_columns(run, "selection", ["prompt_id", "selected", "selector", "route"])
+    if stats is None or decisions is None:
+        return stats
+    return stats.join(decisions, "prompt_id", join_type="left outer")
+
+
 def isolated(name: str, part: Callable[[], T], notes: list[str]) -> T | None:
     """Make one part of the page (a plot, or the table the plots read) on its own: a part that fails leaves
     a warning and a note naming it and the cause, and the rest of the page is still written. The report
@@ -174,10 +184,7 @@ def write_report(run_dir: str | Path) -> Path | str:
     out = staging_dir(run, REPORT_DIR)
 
     notes: list[str] = []
-    stage = "selection" if run.exists("selection") else "stats"
-    stats = isolated(f"reading {stage}/", lambda: read_columns(
-        run, stage, ["prompt_id", "source", "pvar", "margin", "pd", "len_corr", "selected", "selector", "route"]),
-        notes)
+    stats = isolated("reading stats/ and selection/", lambda: stats_with_selection(run), notes)
     rule = None
     if stats is not None and "selector" in stats.column_names and stats.num_rows:
         rule = stats.column("selector")[0].as_py()

@@ -41,7 +41,9 @@ class AdaptiveCfg:
     rule: str = "ucb"  # a name in RULES
     keep: float = 0.7  # rank: the fraction of the prompts still in play that continues
     z: float = 1.0  # ucb: continue while estimate + z * se >= the cut
-    resume: bool = False  # ucb: look again at prompts that stopped, which come back if the cut falls to them
+    # ucb: look again at prompts that stopped; one comes back when the cut falls to its bound. Without it a
+    # low z stops prompts for good on a few unlucky samples (README, Adaptive sampling).
+    resume: bool = True
     fraction: float = 0.1  # the selection fraction the cut is for (select.fraction of pvar_top)
     tau: float = 1.0  # the Bradley-Terry temperature of the PVar (stats.tau)
 

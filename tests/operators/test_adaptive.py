@@ -140,8 +140,8 @@ def test_ucb_pooled_se_and_resume():
         [True, True, False, False]
     # C stopped in an earlier round: at z = 2 its bound reaches the cut, so with resume it comes back.
     inactive_c = [True, True, True, False]
-    assert decide(ROUND, drawn, inactive_c, AdaptiveCfg(rule="ucb", z=2.0, fraction=0.5), 6).tolist() == \
-        [True, True, False, False]
+    assert decide(ROUND, drawn, inactive_c, AdaptiveCfg(rule="ucb", z=2.0, fraction=0.5, resume=False),
+                  6).tolist() == [True, True, False, False]
     assert decide(ROUND, drawn, inactive_c, AdaptiveCfg(rule="ucb", z=2.0, fraction=0.5, resume=True),
                   6).tolist() == [True, True, False, True]
     # at the cap nothing continues, whatever the bound

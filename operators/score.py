@@ -49,6 +49,9 @@ class ScoreCfg:
     models: list[RewardModelCfg] = field(default_factory=list)
     # How `reward` is formed from aspects: `mean` of all aspects, or the name of one aspect.
     overall: str = "mean"
+    # Python reward callables, "module:function" (operators.reward_functions): a list names each aspect by
+    # its function (a lone one without models is a scalar reward), a mapping is {aspect: "module:function"}.
+    functions: list[str] | dict[str, str] | None = None
     batch_size: int = 64  # prompt rows per map_batches call, each with its K responses
     micro_batch_size: int = 16  # rows per forward pass, after sorting by length
     max_length: int = 1024

@@ -349,7 +349,9 @@ def prompt_stats(table: pa.Table, params: StatsParams, max_cells: int = 4_000_00
     quarantined = pa.table({
         "prompt_id": pc.cast(table.column("prompt_id").take(pa.array(flat.parent[bad])), pa.string()),
         QUARANTINE: pa.array(list(reasons[bad]), pa.string()),
-        QUARANTINE_DETAIL: pa.nulls(bad.size, pa.string()),
+        # A scorer's word on why (operators.reward_functions: the function and what it raised), else null.
+        QUARANTINE_DETAIL: (pc.cast(flat.fields["problem_detail"], pa.string()).take(pa.array(bad))
+                            if "problem_detail" in flat.fields else pa.nulls(bad.size, pa.string())),
         QUARANTINE_SAMPLE: pa.array(np.asarray(sample, dtype=np.int64)[bad]),
     })
     return pa.concat_tables([stats, quarantined], promote_options="default")

@@ -26,6 +26,12 @@ from operators.read import (
     read_input,
     validate_prompts,
 )
+from operators.reward_functions import (
+    FunctionScorer,
+    function_scorer_resources,
+    load_functions,
+    model_score_cfg,
+)
 from operators.stats import (
     StatsParams,
     aspect_names,
@@ -80,6 +86,7 @@ def main(cfg: CurateConfig) -> dict:
     in_path = resolve_path(cfg.input.path)
     check_local_path(in_path)
     cfg = resolve_models(cfg)
+    load_functions(cfg.score.functions)  # a bad `module:function` is named before Ray starts
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_gb, cfg.ray.progress)
     run = RunDir(cfg.output.dir)
     run.start("curate", to_dict(cfg))
@@ -134,9 +141,17 @@ def main(cfg: CurateConfig) -> dict:
             rows_in=read.rows_out, unit_in="prompt", unit_out="prompt",
         )
         scored_fp = fingerprint(gen_fp, cfg.score)
+
+        def build_scored():
+            ds = read_stage(run, "samples")
+            if cfg.score.models or not cfg.score.functions:  # neither: the model scorer says what is missing
+                ds = apply(ds, RewardScorer, scorer_resources(cfg.score), cfg=model_score_cfg(cfg.score))
+            if cfg.score.functions:  # function rewards: alone, or aspects merged with the models' ones
+                ds = apply(ds, FunctionScorer, function_scorer_resources(cfg.score), cfg=cfg.score)
+            return ds
+
         run_stage(
-            run, "scored", scored_fp,
-            lambda: apply(read_stage(run, "samples"), RewardScorer, scorer_resources(cfg.score), cfg=cfg.score),
+            run, "scored", scored_fp, build_scored,
             rows_in=run.stage_record("samples").rows_out, unit_in="prompt", unit_out="prompt",
         )
         rated_stage = "scored"

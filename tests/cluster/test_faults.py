@@ -225,20 +225,19 @@ def test_killed_driver_rerun_skips_completed_stages_and_equals_uninterrupted_run
         assert not leftovers, leftovers
 
         done = _success_mtimes(run)
-        assert {"prompts", "scored"} <= set(done) and "stats" not in done, sorted(done)
+        assert {"prompts"} <= set(done) and "stats" not in done, sorted(done)  # rated data: no scored/ stage
 
         res = second.run(cmd, timeout=600, cwd=REPO, env=child_env())
         log = res.stdout
         assert res.returncode == 0, log[-6000:]
-        for stage in ("prompts", "scored"):
-            assert f"stage {stage}: complete for this config, skipped" in log, log[-3000:]
+        assert "stage prompts: complete for this config, skipped" in log, log[-3000:]
         assert "stage stats: running" in log
         print("[fault] rerun:", *[ln for ln in log.splitlines() if "[prefsift] stage" in ln], sep="\n  ")
         after = _success_mtimes(run)
         assert all(after[s] == done[s] for s in done), (done, after)  # completed stages were not rewritten
         assert not list(run.glob("**/*.tmp")), list(run.glob("**/*.tmp"))
 
-        assert_same_rows(run / "scored", reference / "scored", ["prompt_id", "sample_idx"])
+        assert_same_rows(run / "prompts", reference / "prompts", ["prompt_id"])
         assert_same_rows(run / "stats", reference / "stats", ["prompt_id"])
         assert_same_rows(run / "selection", reference / "selection", ["prompt_id"])
         assert assert_same_rows(run / "pairs", reference / "pairs", ["prompt_id"]) > 0

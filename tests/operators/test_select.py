@@ -146,3 +146,26 @@ def test_random_does_not_reuse_the_tie_break_order():
     tied = chosen(select(t, "pvar_top", Budget(count=50), RuleParams(seed=0)))
     rnd = chosen(select(t, "random", Budget(count=50), RuleParams(seed=0)))
     assert len(tied & rnd) < 35  # independent draws overlap by ~12 of 50 on average
+
+
+def test_tiebreak_is_fnv1a_then_splitmix64_over_the_utf8_bytes():
+    """The vectorised hash against a byte-by-byte reading of its definition, on ids of mixed lengths (the
+    vectorised loop shrinks to the ids still going), non-ASCII ids, an empty id, and a sliced column."""
+    import hashlib
+
+    def by_hand(pid: str, seed) -> int:
+        mask = (1 << 64) - 1
+        h = int.from_bytes(hashlib.blake2b(f"{seed}".encode(), digest_size=8).digest(), "little")
+        for b in pid.encode("utf-8"):
+            h = ((h ^ b) * 0x100000001B3) & mask
+        h ^= h >> 30
+        h = (h * 0xBF58476D1CE4E5B9) & mask
+        h ^= h >> 27
+        h = (h * 0x94D049BB133111EB) & mask
+        return h ^ (h >> 31)
+
+    ids = ["q1", "", "prompt-00017", "héllo wörld", "a" * 70, "z", "日本語のプロンプト"]
+    assert [int(h) for h in tiebreak(ids, 3)] == [by_hand(p, 3) for p in ids]
+    col = pa.array(["x", *ids])
+    assert [int(h) for h in tiebreak(col.slice(1), 3)] == [by_hand(p, 3) for p in ids]
+    assert tiebreak(ids, 3).tolist() != tiebreak(ids, 4).tolist()

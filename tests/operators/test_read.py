@@ -1,0 +1,38 @@
+"""Duplicate prompt ids from keys alone: the pure steps of `operators.read.dedupe_prompts`."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from operators.base import QUARANTINE
+from operators.read import ROW_ID, apply_decisions, digest_rows, duplicate_decisions, live_ids, repeated_ids
+
+
+def rows() -> pa.Table:
+    return pa.table({
+        "prompt_id": ["a", "b", "a", "c", "c", "d", "d"],
+        "prompt": ["same", "x", "same", "one", "two", "q", "q"],
+        QUARANTINE: [None, None, None, None, None, None, "empty_prompt"],
+        ROW_ID: pa.array([10, 11, 12, 13, 14, 15, 16], pa.uint64()),
+    })
+
+
+def test_only_live_ids_are_shuffled_and_repeats_found():
+    keys = live_ids(rows())
+    assert keys.column_names == ["prompt_id"]  # no text goes into the shuffle
+    assert sorted(keys.column("prompt_id").to_pylist()) == ["a", "a", "b", "c", "c", "d"]  # d's 2nd is quarantined
+    assert sorted(repeated_ids(keys).column("prompt_id").to_pylist()) == ["a", "c"]
+
+
+def test_exact_copies_keep_one_and_differing_rows_all_go():
+    t = rows()
+    keys = digest_rows(t, pa.array(["a", "c"]))
+    assert sorted(keys.column(ROW_ID).to_pylist()) == [10, 12, 13, 14]
+    decisions = duplicate_decisions(keys)
+    assert dict(zip(decisions.column(ROW_ID).to_pylist(), decisions.column("reason").to_pylist(), strict=True)) == {
+        12: "duplicate_prompt_id", 13: "conflicting_duplicate_prompt_id", 14: "conflicting_duplicate_prompt_id"}
+    out = apply_decisions(t, decisions)
+    assert ROW_ID not in out.column_names
+    assert out.column(QUARANTINE).to_pylist() == [None, None, "duplicate_prompt_id",
+                                                  "conflicting_duplicate_prompt_id",
+                                                  "conflicting_duplicate_prompt_id", None, "empty_prompt"]

@@ -111,3 +111,18 @@ def test_console_script_names_a_bad_key(tmp_path):
     out = subprocess.run([str(PREFSIFT), "simulate-adaptive", "--input", str(tmp_path / "none.jsonl")],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 2 and "none.jsonl" in out.stderr
+
+
+def test_config_file_pins_keys_and_overrides_win(tmp_path, capsys):
+    from pipelines.tools.simulate_adaptive import main
+
+    path = write_rated(tmp_path / "r.jsonl.gz")
+    cfg = tmp_path / "sim.yaml"
+    cfg.write_text("repeats: 1\nadaptive:\n  rule: rank\n  keep: 0.5\n  step: 2\n", encoding="utf-8")
+    assert main(["--input", str(path), "--config", str(cfg), "adaptive.k0=4"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["rule"], r["keep"], r["k0"], r["step"], r["repeats"]) for r in rows] == [("rank", 0.5, 4, 2, 1)]
+    assert rows[0]["sample_share"] == pytest.approx(110 / 160, abs=1e-12)  # as in the rank test above
+    cfg.write_text("adaptive:\n  kepp: 0.5\n", encoding="utf-8")
+    assert main(["--input", str(path), "--config", str(cfg)]) == 2
+    assert "adaptive.kepp" in capsys.readouterr().err

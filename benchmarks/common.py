@@ -12,6 +12,7 @@ names the contender. A contender prints one `@@result {...}` line that the paren
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
 import json
 import os
 import platform
@@ -316,6 +317,17 @@ def timed_operator(op: type, log_path: str) -> type:
             _append(log_path, {"kind": "batch", "pid": os.getpid(), "t0": t0, "t1": time.time(),
                                "rows_in": batch.num_rows, "rows_out": out.num_rows})
             return out
+
+    if inspect.iscoroutinefunction(op.__call__):
+        # An async operator stays async (Ray Data then runs several of its calls at once on one actor).
+        async def timed_call(self: Any, batch: Any) -> Any:
+            t0 = time.time()
+            out = await op.__call__(self, batch)
+            _append(log_path, {"kind": "batch", "pid": os.getpid(), "t0": t0, "t1": time.time(),
+                               "rows_in": batch.num_rows, "rows_out": out.num_rows})
+            return out
+
+        Timed.__call__ = timed_call  # type: ignore[method-assign]
 
     Timed.__name__ = Timed.__qualname__ = f"Timed{op.__name__}"
     return Timed

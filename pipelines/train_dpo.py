@@ -213,6 +213,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     # Materialized once: the workers then stream blocks from the object store instead of each re-running
     # the read (with a curriculum every worker reads everything; on 2 cores re-reading cost ~15 s).
     ds = ds.materialize()
+    # Ray Train splits it in its SplitCoordinator actor, whose progress bars reach the driver's log as terminal
+    # escapes, line by line; the rank-0 train lines show training's progress.
+    ds.context.enable_progress_bars = False
     n_pairs = ds.count()
     positions = order_values(ds)
     world = cfg.scaling.num_workers

@@ -63,23 +63,51 @@ def _is_ray_wrapper(e: BaseException) -> bool:
     return ray_exceptions is not None and isinstance(e, ray_exceptions.RayError)
 
 
+_CAUSE_SEP = "\n\nThe above exception was the direct cause of the following exception:\n\n"
+
+
+def _worker_cause(e: BaseException) -> BaseException | None:
+    """Ray Data wraps what a map function raised in a UserCodeException inside the worker, so the original
+    reaches the driver only as the first block of the worker's traceback text; rebuilt from that block when
+    its class is one the driver has imported and takes a message."""
+    text = str(e)
+    if _CAUSE_SEP not in text:
+        return None
+    block = text.split(_CAUSE_SEP)[0].splitlines()
+    heads = [ln for ln in block[1:] if ln and not ln.startswith(" ")]  # block[0] names the Ray task
+    if not heads:
+        return None
+    name, _, message = heads[0].partition(": ")
+    module, _, cls_name = name.rpartition(".")
+    cls = getattr(sys.modules.get(module or "builtins"), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        return None
+    try:
+        cause = cls(message)
+    except Exception:  # a constructor that wants more than a message: keep Ray's wrapper
+        return None
+    files = [ln.split('"')[1] for ln in block if ln.strip().startswith('File "')]
+    cause.raised_in = files[-1] if files else None
+    return cause
+
+
 def root_cause(e: BaseException) -> BaseException:
     """The user error in a wrapped chain (the outermost, so that our own `raise ConfigError(...) from
     json_error` keeps its message), else the innermost exception. Ray's RayTaskError(InputError) is an
     InputError too, but its text is a traceback: the plain one inside it is the one to show."""
     chain = _chain(e)
-    return next((c for c in chain if is_user_error(c) and not _is_ray_wrapper(c)), chain[-1])
+    found = next((c for c in chain if is_user_error(c) and not _is_ray_wrapper(c)), None)
+    if found is None:
+        rebuilt = [w for c in chain if _is_ray_wrapper(c) and (w := _worker_cause(c)) is not None]
+        found = rebuilt[0] if rebuilt else chain[-1]
+    return found
 
 
 def _raised_by_us(e: BaseException) -> bool:
+    last = getattr(e, "raised_in", None)  # rebuilt from a worker's traceback text
     tb = e.__traceback__
-    last = None
     while tb is not None:
         last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
-    if last is None:  # rebuilt from another process: Ray keeps the worker's traceback as text
-        text = str(getattr(e, "traceback_str", "") or "")
-        files = [ln.split('"')[1] for ln in text.splitlines() if ln.strip().startswith('File "')]
-        last = files[-1] if files else None
     return last is not None and last.startswith(_OWN_DIRS)
 
 

@@ -110,6 +110,26 @@ def test_ray_task_error_unwraps_to_the_input_error(capsys):
     assert capsys.readouterr().err == "error: input data.jsonl.gz: truncated gzip stream\n"
 
 
+def _fails_with(exc: Exception):
+    def fn(batch):
+        raise exc
+
+    return fn
+
+
+def test_error_in_a_map_function_is_reported_by_its_cause(ray_local, capsys, monkeypatch):
+    """Ray Data wraps it in UserCodeException inside the worker; only the worker's traceback names it."""
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    ds = ray_local.data.range(4)
+    capsys.readouterr()
+    assert run_cli(lambda: ds.map_batches(_fails_with(InputError("input x.jsonl:3: truncated"))).materialize()) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "error: input x.jsonl:3: truncated" and "Traceback" not in err, err
+    assert run_cli(lambda: ds.map_batches(_fails_with(RuntimeError("boom"))).materialize()) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-2] == "error: RuntimeError: boom" and "Traceback" not in err, err
+
+
 def test_train_worker_error_unwraps_to_the_rank_error(capsys):
     from ray.train import WorkerGroupError
 

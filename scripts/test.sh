@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # README command 2: set up the environment from the project's files, then run the whole CPU test suite.
+# Arguments go to pytest: `bash scripts/test.sh -m "not slow"` is the fast local loop (README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,16 +47,29 @@ def in_process(capsys, monkeypatch, *argv: str) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
+def run_as_main(module: str, args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """`python -m module args` in this process (runpy runs the module's `__main__` block as Python would),
+    without an interpreter start-up per entry point."""
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setattr(sys, "argv", [module, *args])
+    capsys.readouterr()
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_:
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is imported already
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
 @pytest.mark.parametrize("module, command, config", ENTRY_POINTS, ids=[e[1] for e in ENTRY_POINTS])
 def test_config_error_is_one_line_exit_2_from_every_entry_point(module, command, config, capsys, monkeypatch,
                                                                  tmp_path):
     args = (["--config", config] if config else []) + ["nosuch.key=1", f"output.dir={tmp_path / 'never'}"]
-    res = python_m(module, *args)
+    code, out, err_m = run_as_main(module, args, capsys, monkeypatch)
     rc, err = in_process(capsys, monkeypatch, command, *args)
-    assert res.returncode == rc == 2, res.stderr
-    assert res.stderr == err, (res.stderr, err)
+    assert code == rc == 2, err_m
+    assert err_m == err, (err_m, err)
     assert len(err.splitlines()) == 1 and err.startswith("config error: unknown config key 'nosuch'"), err
-    assert res.stdout == "" and not (tmp_path / "never").exists()
+    assert out == "" and not (tmp_path / "never").exists()
 
 
 def test_missing_input_same_line_both_ways_and_traceback_on_request(capsys, monkeypatch, tmp_path):
@@ -72,10 +87,10 @@ def test_missing_input_same_line_both_ways_and_traceback_on_request(capsys, monk
 
 def test_reporting_mains_end_errors_the_same_way(capsys, monkeypatch, tmp_path):
     for module, command in (("pipelines.reporting.report", "report"), ("pipelines.reporting.compare", "compare")):
-        res = python_m(module, str(tmp_path / "no_run"))
+        code, _, err_m = run_as_main(module, [str(tmp_path / "no_run")], capsys, monkeypatch)
         rc, err = in_process(capsys, monkeypatch, command, str(tmp_path / "no_run"))
-        assert res.returncode == rc == 2, (module, res.stderr)
-        assert res.stderr == err and len(err.splitlines()) == 1 and err.startswith("error: "), (module, err)
+        assert code == rc == 2, (module, err_m)
+        assert err_m == err and len(err.splitlines()) == 1 and err.startswith("error: "), (module, err)
         assert str(tmp_path / "no_run") in err
 
 

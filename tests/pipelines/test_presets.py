@@ -73,3 +73,34 @@ def test_pvar_and_pd_presets_select_as_their_papers():
     assert (pd.curate.select.rule, pd.curate.select.fraction) == ("pd_consensus", 0.3)
     assert pd.curate.stats.length_debias != "none"
     assert pd.train.loss.name == "sigmoid"
+
+
+@pytest.mark.slow
+def test_mixdpo_paper_runs_end_to_end_on_tiny_models(ray_local, tiny_models, tmp_path):
+    """The authors' preset, with only sizes and paths scaled to 2 CPUs: 60 UltraFeedback pairs (6 with a
+    margin below 0.5), 2 workers x 4 pairs, so 8 steps with the last one partial and SFT-heavy."""
+    import json
+
+    from pipelines.run import main
+
+    sample = CONFIGS.parent / "data" / "ultrafeedback_binarized_sample_300.jsonl.gz"
+    cpu = [f"output.dir={tmp_path / 'run'}", f"curate.input.path={sample}", "curate.input.limit=60",
+           "curate.ray.num_cpus=2", "curate.ray.object_store_memory_gb=1.0", "curate.ray.progress=false",
+           f"train.model.policy={tiny_models['policy']}", "train.input.max_length=256",
+           "train.input.max_prompt_length=128", "train.reference.dtype=float32", "train.reference.num_gpus=0",
+           "train.reference.concurrency=1", "train.reference.num_cpus=0.5", "train.scaling.num_workers=2",
+           "train.scaling.use_gpu=false", "train.scaling.fsdp=false", "train.scaling.cpus_per_worker=0.5",
+           "train.optim.per_device_batch_size=4", "train.optim.grad_accum=1", "train.optim.bf16=false",
+           "train.optim.gradient_checkpointing=false", "train.checkpoint.every_n_steps=0", "train.ray.address=null",
+           "train.ray.num_cpus=2", "train.ray.object_store_memory_gb=1.0", "train.ray.progress=false",
+           "report=false"]
+    cfg = load_config(RunConfig, CONFIGS / "presets" / "mixdpo_paper.yaml", cpu)
+    result = main(cfg)
+    train = result["train"]
+    assert (train["pairs"], train["global_batch"], train["steps"], train["loss"]) == (60, 8, 8, "mixdpo")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pairs"] for r in rows] == [8] * 7 + [4]  # the last partial batch is trained
+    assert rows[0]["lr"] == 0.0  # warmup_ratio 0.1 of 8 steps: one warmup step
+    # Easy to hard: the 6 pairs below the margin come last, so SFT shows only at the end.
+    sft = [r["sft_fraction"] * r["pairs"] for r in rows]
+    assert sum(sft) == pytest.approx(6) and sft[0] == 0 and sft[-1] > 0

@@ -45,6 +45,7 @@ STAGES: dict[str, tuple[str, str, bool]] = {
     "stats": ("bench_stats.py", "statistics", False),
     "train": ("bench_train.py", "training", True),
     "e2e": ("bench_e2e.py", "end to end", False),
+    "curate": ("bench_curate.py", "curation", False),
 }
 # Smoke sizes beyond each script's own --quick: 20k rows keep pandas' groupby-apply to a few seconds.
 QUICK_EXTRA = {"stats": ["--rows", "20000"]}
@@ -56,6 +57,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
     "training": ("check.all_steps_done", "check.losses_finite", "check.losses_match_single_vs_1w",
                  "check.params_in_sync_2w"),
     "end to end": ("check.all_stages", "check.all_balanced"),
+    "curation": ("check.agree", "check.selection_same", "check.no_text_shuffle"),
 }
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
@@ -91,7 +93,7 @@ def script_args(stage: str, a: argparse.Namespace, models_dir: str) -> list[str]
         args += QUICK_EXTRA.get(stage, [])
     if stage == "generate" and a.quick and not a.no_vllm and have_vllm():
         args += ["--backends", "raw-vllm,vllm,hf"]  # bench_generate --quick alone runs HF only
-    if stage != "stats":
+    if stage not in ("stats", "curate"):
         args += ["--models-dir", models_dir]
     if shaped and a.model_shape:
         args += ["--model-shape", a.model_shape]

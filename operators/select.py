@@ -84,8 +84,8 @@ def rank_by(key: np.ndarray, tb: np.ndarray, descending: bool) -> np.ndarray:
     """0-based rank of each row when sorted by key (nulls last), ties by the hash."""
     k = np.asarray(key, dtype=np.float64)
     valid = np.isfinite(k)
-    primary = np.where(valid, -k if descending else k, np.inf)
-    order = np.lexsort((tb, primary, ~valid))  # last key is the primary sort key
+    primary = np.where(valid, -k if descending else k, np.inf)  # invalid (null, NaN, inf) last
+    order = np.lexsort((tb, primary))  # last key is the primary sort key
     ranks = np.empty(k.size, dtype=np.int64)
     ranks[order] = np.arange(k.size)
     return ranks
@@ -197,14 +197,18 @@ def select(table: pa.Table, rule: str, budget: Budget, params: RuleParams,
         if stratify_by not in table.column_names:
             raise SelectionError(f"select.stratify_by={stratify_by!r} is not a column of the statistics")
         strata = np.array([str(s) for s in table.column(stratify_by).to_pylist()], dtype=object)
+        groups = [np.flatnonzero(strata == s) for s in sorted(set(strata.tolist()), key=str)]
     else:
-        strata = np.zeros(n, dtype=object)
+        groups = [np.arange(n)]  # one stratum: no per-row Python objects at millions of prompts
     selected = np.zeros(n, dtype=bool)
     local_rank = np.zeros(n, dtype=np.int64)
     total_eligible = int(eligible.sum())
-    for s in sorted(set(strata.tolist()), key=str):
-        idx = np.flatnonzero(strata == s)
-        order = idx[np.argsort(ranks[idx], kind="stable")]
+    for idx in groups:
+        if idx.size == n:  # ranks are a permutation of 0..n-1: invert it instead of sorting again
+            order = np.empty(n, dtype=np.int64)
+            order[ranks] = np.arange(n)
+        else:
+            order = idx[np.argsort(ranks[idx], kind="stable")]
         local_rank[order] = np.arange(1, order.size + 1)
         elig = order[eligible[order]]
         if budget.count is not None and stratify_by:
@@ -230,6 +234,6 @@ def select(table: pa.Table, rule: str, budget: Budget, params: RuleParams,
         "selected": pa.array(selected),
         "rank": pa.array(local_rank),
         "selector": pa.array(np.full(n, rule, dtype=object), pa.string()),
-        "route": pa.array(list(route), pa.string()),
+        "route": pa.array(route, pa.string()),
         "order": pa.array(order_col, mask=order_col < 0),
     })

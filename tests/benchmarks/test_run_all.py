@@ -31,11 +31,13 @@ POSITIVE = {
                  "ray-1w.wall_s", "pairs.pairs"),
     "end to end": ("wall_s", "stages.samples.seconds", "stages.samples.rows_out", "stages.pairs.rows_out",
                    "samples_per_s"),
+    "curation": ("prefsift.seconds", "duckdb.seconds", "prefsift.stages.stats.seconds", "prompts", "parquet_mb"),
 }
 RATIOS = {
     "generation": ("pipeline_hf_over_raw_vllm",),
     "reward scoring": ("pipeline_over_baseline_responses_s",),
-    "statistics": ("prefsift_time_over_duckdb", "pandas_time_over_prefsift", "ray_read_shuffle_over_duckdb"),
+    "statistics": ("prefsift_time_over_duckdb", "pandas_time_over_prefsift", "ray_read_over_duckdb"),
+    "curation": ("prefsift_time_over_duckdb", "prefsift_cpu_over_duckdb"),
     "training": ("ray_1w_over_single_steps_s", "ray_2w_over_1w_pairs_s"),
     "end to end": ("prompts_per_s_wall",),
 }

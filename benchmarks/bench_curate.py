@@ -1,0 +1,366 @@
+"""The whole rated curation: `prefsift curate` (pipelines.curate.main, embedded local Ray) vs a DuckDB script.
+
+    python benchmarks/bench_curate.py --quick                 # 5k prompts x 4 (CI smoke; asserts no time)
+    python benchmarks/bench_curate.py                         # 250k prompts x 4
+    python benchmarks/bench_curate.py --prompts 1000000 --data-dir /tmp/rated1m
+    python benchmarks/bench_curate.py --select-keys 10000000  # also: the selection's driver cost at 10M keys
+
+Data: synthetic rated prompts in the shared rated schema, in 8 parquet files: prompt text lognormal around
+300 characters, 4 responses around 1,200 characters (slices of a pool of English-like words, so parquet
+compresses them as it would real text), `overall` and three aspect scores per response, and 1% duplicate
+prompt ids (half exact copies, half conflicting rows), placed in other files than their first copy.
+
+Both contenders do the same job on the same files: set aside duplicate ids (an exact copy keeps one row, an
+id whose rows differ loses all of them), compute per prompt n, reward_mean, reward_std (ddof 0), pvar (tau
+1), margin, best and worst index, score and text, len_corr and pd (aspects z-scored over the data set),
+select the top 10% by pvar, and write the statistics and the pairs as parquet. Checked: the statistics agree
+on every prompt (max |difference|) and the selections are the same set.
+
+Reported: the whole job's wall time (prefsift's includes Ray's start-up), each prefsift stage's seconds from
+its manifest, the memory of all processes (sampled PSS of the process tree), the ratio, and every Ray Data
+shuffle the run made with the columns it carried (none may carry a text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks.common import (
+    REPO,
+    MemorySampler,
+    clean,
+    emit,
+    markdown_table,
+    ratio,
+    result,
+    run_contender,
+    tree_cpu_seconds,
+)
+
+K = 4
+FILES = 8
+ASPECTS = ("helpfulness", "correctness", "coherence")
+FRACTION = 0.1
+TEXT_COLUMNS = ("prompt", "responses", "messages", "best_response", "worst_response", "chosen", "rejected")
+COMPARED = ("n", "reward_mean", "reward_std", "pvar", "margin", "best_idx", "worst_idx", "score_best",
+            "score_worst", "len_corr", "pd")
+WORDS = ("the of and to in is that for it as with was on be by this are or from at an which have not can "
+         "model answer data function value result example question code return time first because would "
+         "each should between number string list error using python where when system however also these "
+         "response explain different important following information process user step example approach").split()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic rated data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _pool(rng: np.random.Generator, nbytes: int) -> bytes:
+    words = rng.choice(np.array(WORDS, dtype=object), size=nbytes // 5)
+    return (" ".join(words) + " ").encode()[:nbytes]
+
+
+def _texts(pool: np.ndarray, rng: np.random.Generator, lengths: np.ndarray) -> pa.Array:
+    """Consecutive slices of the word pool, from a random start (the pool wraps around)."""
+    total = int(lengths.sum())
+    start = int(rng.integers(0, pool.size))
+    reps = -(-(start + total) // pool.size)
+    data = np.tile(pool, reps)[start:start + total]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(data)) \
+        .cast(pa.string())
+
+
+def _rows(rng: np.random.Generator, pool: np.ndarray, ids: np.ndarray) -> pa.Table:
+    n = ids.size
+    plen = np.clip(rng.lognormal(np.log(300), 0.6, n), 10, 8_000).astype(np.int64)
+    rlen = np.clip(rng.lognormal(np.log(1200), 0.5, n * K), 5, 20_000).astype(np.int64)
+    quality = rng.normal(5.0, 1.5, n * K)
+    aspects = {a: np.round(quality + rng.normal(0, 1.0, n * K), 3) for a in ASPECTS}
+    overall = np.round(np.mean([aspects[a] for a in ASPECTS], axis=0) + rng.normal(0, 0.2, n * K), 4)
+    models = pa.array(np.array(["model-a", "model-b", "model-c", "model-d"], dtype=object)[rng.integers(0, 4, n * K)])
+    scores = pa.StructArray.from_arrays([pa.array(aspects[a]) for a in ASPECTS], names=list(ASPECTS))
+    item = pa.StructArray.from_arrays([_texts(pool, rng, rlen), models, scores, pa.array(overall)],
+                                      names=["text", "model", "scores", "overall"])
+    responses = pa.ListArray.from_arrays(pa.array(np.arange(0, n * K + 1, K, dtype=np.int32)), item)
+    return pa.table({"prompt_id": pa.array(ids.astype(str)), "prompt": _texts(pool, rng, plen),
+                     "source": pa.array(np.full(n, "synthetic", dtype=object)), "responses": responses})
+
+
+def write_rated(out_dir: Path, prompts: int, seed: int = 0) -> dict:
+    """`prompts` rows in FILES files; 1% of them repeat an id of another file (half exact copies)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pool = np.frombuffer(_pool(rng, 4 << 20), dtype=np.uint8)
+    n_dup = prompts // 100
+    n_unique = prompts - n_dup
+    ids = np.char.add("p", np.char.zfill(np.arange(n_unique).astype(str), 9))
+    per_file = -(-n_unique // FILES)
+    tables = [_rows(np.random.default_rng([seed, f]), pool, ids[f * per_file:(f + 1) * per_file])
+              for f in range(FILES)]
+    dup_src = rng.choice(n_unique, size=n_dup, replace=False)
+    exact = np.arange(n_dup) < n_dup // 2
+    for f in range(FILES):
+        here = (dup_src // per_file + 1) % FILES == f  # a duplicate goes to the next file
+        ex, cf = dup_src[here & exact], dup_src[here & ~exact]
+        src = tables[(f - 1) % FILES]
+        lo = ((f - 1) % FILES) * per_file
+        parts = [tables[f]]
+        if ex.size:
+            parts.append(src.take(pa.array(ex - lo)))
+        if cf.size:
+            parts.append(_rows(np.random.default_rng([seed, 100 + f]), pool, ids[cf]))
+        pq.write_table(pa.concat_tables(parts), out_dir / f"part-{f:02d}.parquet", row_group_size=32_768)
+    conflicting = int((~exact).sum())
+    return {"rows": prompts, "unique_ids": n_unique, "exact_copies": int(exact.sum()),
+            "conflicting_ids": conflicting, "prompts_kept": n_unique - conflicting}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Contenders (each in its own process)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_prefsift(data: str, out: str, object_store_gb: float) -> dict:
+    """`prefsift curate` on the rated config, in this process (Ray starts inside, and is timed)."""
+    import ray.data
+
+    from pipelines import curate
+    from pipelines.runtime.config import CurateConfig, load_config
+
+    shuffles: list[dict] = []
+    repartition = ray.data.Dataset.repartition
+
+    def recorded(self, *args, **kwargs):
+        # Every hash shuffle the pipeline asks for, with the columns it moves (the schema of its input).
+        if kwargs.get("keys"):
+            shuffles.append({"op": "repartition", "keys": kwargs["keys"], "columns": list(self.schema().names)})
+        return repartition(self, *args, **kwargs)
+
+    ray.data.Dataset.repartition = recorded  # type: ignore[method-assign]
+    cfg = load_config(CurateConfig, str(REPO / "pipelines/configs/real_rated.yaml"), [
+        f"input.path={data}", f"output.dir={out}", "select.rule=pvar_top", f"select.fraction={FRACTION}",
+        "ray.progress=false", "ray.num_cpus=2", f"ray.object_store_memory_gb={object_store_gb}"])
+    with MemorySampler() as mem:
+        c0, t0 = tree_cpu_seconds(), time.perf_counter()
+        curate.main(cfg)
+        seconds = time.perf_counter() - t0
+        cpu = tree_cpu_seconds() - c0
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    return {"seconds": seconds, "cpu_s": cpu, "shuffles": shuffles,
+            "stages": {k: {"seconds": v["seconds"], "rows_in": v["rows_in"], "rows_out": v["rows_out"],
+                           "quarantined": v["quarantined"]} for k, v in manifest["stages"].items()},
+            **mem.figures()}
+
+
+DUCKDB_SQL = """
+CREATE TEMP TABLE raw AS
+  SELECT prompt_id, prompt, source, responses, hash(prompt, source, responses) AS h
+  FROM read_parquet('{data}/*.parquet');
+-- Duplicate ids: an exact copy keeps one row; an id whose rows differ loses all of them.
+CREATE TEMP TABLE kept AS
+  SELECT DISTINCT ON (prompt_id) prompt_id, prompt, source, responses FROM raw
+  WHERE prompt_id IN (SELECT prompt_id FROM raw GROUP BY prompt_id HAVING count(DISTINCT h) = 1);
+CREATE TEMP TABLE resp AS
+  SELECT prompt_id, i - 1 AS sample_idx, r.text AS text, length(r.text) AS len, r.overall AS reward,
+         r.scores.helpfulness AS h, r.scores.correctness AS c, r.scores.coherence AS o
+  FROM (SELECT prompt_id, unnest(responses) AS r, generate_subscripts(responses, 1) AS i FROM kept);
+CREATE TEMP TABLE stats AS
+  WITH norms AS (SELECT avg(h) mh, stddev_pop(h) sh, avg(c) mc, stddev_pop(c) sc, avg(o) mo, stddev_pop(o) so
+                 FROM resp),
+  g AS (
+    SELECT prompt_id, count(*) AS n, avg(reward) AS reward_mean, stddev_pop(reward) AS reward_std,
+           list(reward) AS rs, max(reward) AS score_best, min(reward) AS score_worst,
+           arg_max(sample_idx, reward) AS best_idx, arg_min(sample_idx, reward) AS worst_idx,
+           arg_max(text, reward) AS best_response, arg_min(text, reward) AS worst_response,
+           corr(reward, len) AS len_corr,
+           arg_max(h, reward) hb, arg_min(h, reward) hw, arg_max(c, reward) cb, arg_min(c, reward) cw,
+           arg_max(o, reward) ob, arg_min(o, reward) ow
+    FROM resp GROUP BY prompt_id)
+  SELECT g.prompt_id, k.prompt, n, reward_mean, reward_std,
+         list_sum(list_transform(rs, lambda x: list_sum(list_transform(rs, lambda y: tanh((x - y) / 2) ^ 2))))
+           / 4 / (n * (n - 1)) AS pvar,
+         score_best - score_worst AS margin, best_idx, worst_idx, score_best, score_worst,
+         best_response, worst_response, len_corr,
+         ((hw - hb) / sh + (cw - cb) / sc + (ow - ob) / so) / 3 AS pd
+  FROM g JOIN kept k USING (prompt_id), norms;
+COPY (SELECT * EXCLUDE (prompt) FROM stats) TO '{out}/stats' (FORMAT parquet, PER_THREAD_OUTPUT true);
+CREATE TEMP TABLE selected AS
+  SELECT * FROM stats ORDER BY pvar DESC
+  LIMIT (SELECT greatest(1, floor({fraction} * count(*) + 0.5)) FROM stats);
+COPY (SELECT prompt, best_response AS chosen, worst_response AS rejected, prompt_id, score_best AS score_chosen,
+             score_worst AS score_rejected, margin, pvar
+      FROM selected WHERE best_idx <> worst_idx AND best_response <> worst_response)
+  TO '{out}/pairs' (FORMAT parquet, PER_THREAD_OUTPUT true);
+COPY (SELECT prompt_id FROM selected) TO '{out}/selection' (FORMAT parquet, PER_THREAD_OUTPUT true);
+"""
+
+
+def run_duckdb(data: str, out: str) -> dict:
+    import duckdb
+
+    con = duckdb.connect()
+    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]  # type: ignore[index]
+    with MemorySampler() as mem:
+        c0, t0 = tree_cpu_seconds(), time.perf_counter()
+        con.execute(DUCKDB_SQL.format(data=data, out=out, fraction=FRACTION))
+        seconds = time.perf_counter() - t0
+        cpu = tree_cpu_seconds() - c0
+    return {"seconds": seconds, "cpu_s": cpu, "threads": threads, **mem.figures()}
+
+
+def run_select_keys(prompts: int) -> dict:
+    """What the selection costs the driver at `prompts` prompts: the key columns it collects (prompt_id,
+    source, pvar, margin, pd) and the rule with its tie-break hash, timed and measured (RSS)."""
+    import psutil
+
+    from operators.select import Budget, RuleParams, select
+
+    rng = np.random.default_rng(0)
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    keys = pa.table({"prompt_id": pa.array(np.char.add("p", np.char.zfill(np.arange(prompts).astype(str), 9))),
+                     "source": pa.array(np.full(prompts, "synthetic", dtype=object)),
+                     "pvar": rng.uniform(0, 0.25, prompts).round(3),  # rounded: many ties for the hash to break
+                     "margin": rng.uniform(0, 5, prompts), "pd": rng.normal(0, 1, prompts)})
+    keys_mb = keys.nbytes / 2**20
+    t0 = time.perf_counter()
+    out = select(keys, "pvar_top", Budget(fraction=FRACTION), RuleParams(seed=0))
+    seconds = time.perf_counter() - t0
+    return {"prompts": prompts, "select_s": seconds, "keys_mb": round(keys_mb, 1),
+            "decision_mb": round(out.nbytes / 2**20, 1),
+            "rss_over_start_mb": round((proc.memory_info().rss - base) / 2**20, 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compare(prefsift_run: str, duck_out: str) -> dict:
+    import duckdb
+
+    con = duckdb.connect()
+    a, b = f"read_parquet('{prefsift_run}/stats/*.parquet')", f"read_parquet('{duck_out}/stats/*.parquet')"
+    diffs = ", ".join(f"max(abs(a.{c} - b.{c})) AS {c}" for c in COMPARED)
+    row = con.execute(f"SELECT count(*), {diffs}, sum((a.best_response <> b.best_response)::INT) "
+                      f"FROM {a} a JOIN {b} b USING (prompt_id)").fetchone()
+    out = dict(zip(["joined", *COMPARED, "best_response_mismatch"], row, strict=True))  # type: ignore[arg-type]
+    out["rows_prefsift"] = con.execute(f"SELECT count(*) FROM {a}").fetchone()[0]  # type: ignore[index]
+    out["rows_duckdb"] = con.execute(f"SELECT count(*) FROM {b}").fetchone()[0]  # type: ignore[index]
+    mine = {r[0] for r in con.execute(f"SELECT prompt_id FROM read_parquet('{prefsift_run}/selection/*.parquet') "
+                                      f"WHERE selected").fetchall()}
+    theirs = {r[0] for r in con.execute(f"SELECT prompt_id FROM read_parquet('{duck_out}/selection/*.parquet')")
+              .fetchall()}
+    out["selected"] = len(mine)
+    out["selection_same"] = mine == theirs
+    worst = max(float(out[c] or 0.0) for c in COMPARED)
+    out["max_abs_diff"] = worst
+    out["agree"] = bool(out["rows_prefsift"] == out["rows_duckdb"] == out["joined"] and worst < 1e-9
+                        and out["best_response_mismatch"] == 0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="5k prompts (CI smoke)")
+    ap.add_argument("--prompts", type=int, default=None, help="rated prompts (default 250k; 5k with --quick)")
+    ap.add_argument("--data-dir", default=None, help="reuse (or keep) the synthetic data here")
+    ap.add_argument("--object-store-gb", type=float, default=2.0)
+    ap.add_argument("--select-keys", type=int, default=0, help="also measure the selection's driver cost here")
+    ap.add_argument("--contender", choices=["prefsift", "duckdb", "select-keys"], help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    prompts = args.prompts or (5_000 if args.quick else 250_000)
+
+    if args.contender == "prefsift":
+        result(run_prefsift(args.data, args.out, args.object_store_gb))
+        return 0
+    if args.contender == "duckdb":
+        result(run_duckdb(args.data, args.out))
+        return 0
+    if args.contender == "select-keys":
+        result(run_select_keys(args.select_keys))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="bench_curate_"))
+    data = Path(args.data_dir) if args.data_dir else work / "data"
+    try:
+        t0 = time.perf_counter()
+        marker = data / f"_prompts_{prompts}.json"
+        if marker.exists():
+            info = json.loads(marker.read_text())
+        else:
+            shutil.rmtree(data, ignore_errors=True)
+            info = write_rated(data, prompts)
+            marker.write_text(json.dumps(info))
+        size_mb = sum(f.stat().st_size for f in data.glob("*.parquet")) / 2**20
+        print(f"[bench_curate] data: {prompts:,} rows x {K}, {size_mb:.0f} MB parquet in {FILES} files "
+              f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
+
+        me = str(Path(__file__).resolve())
+        res: dict[str, dict] = {}
+        for name in ("prefsift", "duckdb"):
+            print(f"[bench_curate] {name} ...", file=sys.stderr, flush=True)
+            (work / name).mkdir(parents=True, exist_ok=True)
+            res[name] = run_contender(me, ["--data", str(data), "--contender", name, "--out", str(work / name),
+                                           "--object-store-gb", str(args.object_store_gb)])
+        check = compare(str(work / "prefsift"), str(work / "duckdb"))
+        keys = run_contender(me, ["--contender", "select-keys", "--select-keys", str(args.select_keys)]) \
+            if args.select_keys else {}
+
+        p, d = res["prefsift"], res["duckdb"]
+        text_shuffles = [s for s in p["shuffles"] if s["columns"] is None or set(s["columns"]) & set(TEXT_COLUMNS)]
+
+        def mem_gb(r: dict) -> float:
+            return round((r["peak_rss_mb"] + r["all_children_pss_peak_mb"]) / 1024, 2)
+
+        rows = [["prefsift curate (Ray Data)", p["seconds"], p["cpu_s"], mem_gb(p), "Ray start-up included"],
+                ["DuckDB script", d["seconds"], d["cpu_s"], mem_gb(d), f"{d['threads']} threads"]]
+        table = markdown_table(["contender", "wall s", "CPU s", "peak memory GB (all processes)", "note"], rows)
+        table += "\n\n" + markdown_table(
+            ["stage", "seconds", "in", "out", "quarantined"],
+            [[k, v["seconds"], v["rows_in"], v["rows_out"], sum(v["quarantined"].values())]
+             for k, v in p["stages"].items()])
+        table += "\n\nRay Data shuffles: " + ("; ".join(f"{s['op']} by {s['keys']} carrying {s['columns']}"
+                                                        for s in p["shuffles"]) or "none")
+        table += (f"\n\nstatistics vs DuckDB on {check['joined']:,} prompts: max |diff| {check['max_abs_diff']:.2e}, "
+                  f"agree: {check['agree']}; selections the same ({check['selected']:,}): {check['selection_same']}")
+        if keys:
+            table += (f"\n\nselection at {keys['prompts']:,} prompts on the driver: keys {keys['keys_mb']} MB, "
+                      f"select {keys['select_s']:.1f}s, RSS +{keys['rss_over_start_mb']} MB")
+        check["no_text_shuffle"] = not text_shuffles
+        ratios = {"prefsift_time_over_duckdb": ratio(p["seconds"], d["seconds"]),
+                  "prefsift_cpu_over_duckdb": ratio(p["cpu_s"], d["cpu_s"]),
+                  "prefsift_peak_memory_gb": mem_gb(p), "duckdb_peak_memory_gb": mem_gb(d)}
+        emit("curation", clean({"prompts": prompts, "parquet_mb": round(size_mb, 1), "data": info,
+                                "prefsift": p, "duckdb": d, "check": check, "select_keys": keys}),
+             ratios, table=table,
+             targets={"prefsift_time_over_duckdb": "<= 2", "prefsift_peak_memory_gb": "report"},
+             config={"prompts": prompts, "k": K, "aspects": list(ASPECTS), "fraction": FRACTION, "quick": args.quick,
+                     "object_store_gb": args.object_store_gb})
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

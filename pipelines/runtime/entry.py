@@ -135,8 +135,8 @@ def report(e: BaseException) -> int:
         return 2
     print(f"error: {type(cause).__name__}: {one_line(cause)}", file=sys.stderr, flush=True)
     if os.environ.get(DEBUG_ENV, "") in ("", "0"):
-        print(f"hint: this looks like a bug rather than a problem with the input; rerun with {DEBUG_ENV}=1 "
-              "for the traceback, and include it in a report", file=sys.stderr, flush=True)
+        print(f"hint: not a config or input problem prefsift knows; rerun with {DEBUG_ENV}=1 for the full "
+              "traceback (and include it if you report a bug)", file=sys.stderr, flush=True)
     return 1
 
 

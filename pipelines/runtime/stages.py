@@ -42,6 +42,21 @@ def _block_sums(table: pa.Table, columns: list[str]) -> pa.Table:
     return pa.table({c: [float(pc.sum(pc.cast(table.column(c), pa.float64())).as_py() or 0.0)] for c in columns})
 
 
+def _quarantine_counts(table: pa.Table) -> pa.Table:
+    bad = table.num_rows - table.column(QUARANTINE).null_count
+    return pa.table({"good": [table.num_rows - bad], "bad": [bad]})
+
+
+def _split_counts(ds) -> tuple[int, int]:
+    """(good, quarantined) rows of a materialized dataset from its quarantine column alone: one pass that
+    copies no other column (filtering whole rows to count them would copy every text)."""
+    if QUARANTINE not in ds.schema().names:
+        return ds.count(), 0
+    parts = ds.select_columns([QUARANTINE]).map_batches(_quarantine_counts, batch_format="pyarrow",
+                                                        batch_size=None).take_all()
+    return int(sum(p["good"] for p in parts)), int(sum(p["bad"] for p in parts))
+
+
 def column_sums(ds, columns: list[str]) -> dict[str, float]:
     """Column totals from per-block partial sums. Ray's `Dataset.sum` runs a hash aggregation with its own
     actor pool (seconds of start-up on a small machine); partial sums need no shuffle at all."""
@@ -116,8 +131,7 @@ def run_stage(
     good = ds.map_batches(_good, batch_format="pyarrow", batch_size=None)
     bad = ds.map_batches(_bad, batch_format="pyarrow", batch_size=None)
 
-    rows_out = good.count()
-    n_bad = bad.count()
+    rows_out, n_bad = _split_counts(ds)
     _write(good, run, stage, rows_out)
     if n_bad:
         _write(bad, run, f"{QUARANTINE_DIR}/{stage}", n_bad)

@@ -236,7 +236,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": cfg, "policy": policy, "out_dir": out_dir, "total_steps": total_steps, "n_pairs": n_pairs,
+            "cfg": cfg, "policy": policy, "total_steps": total_steps, "n_pairs": n_pairs,
+            # metrics.jsonl and the batch logs go where the checkpoints go, through the same filesystem.
+            "run_fs": run.fs, "train_dir": run.path("train"),
             "steps_per_epoch": steps_per_epoch,
             "positions": ray.put(positions) if positions is not None else None,
             # A live bar (tqdm_ray) only for a terminal; into a log (`ray job logs`, CI) Ray's bar manager
@@ -246,7 +248,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=os.path.join(out_dir, "train"),
+            # The run folder's filesystem object, not a URI for Ray to resolve again: it carries a custom
+            # endpoint (MinIO, AWS_ENDPOINT_URL) to every worker. Ray Train copies each checkpoint there
+            # from the worker's local folder, and a rerun with the same name resumes from the last one.
+            name=cfg.run.name, storage_path=run.path("train"), storage_filesystem=run.fs,
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             # Ray Train logs each report's whole metrics dict from every rank at INFO; our rank-0 train
@@ -263,11 +268,11 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
 
     # --- record -----------------------------------------------------------------------------------------
     if result.checkpoint is None:
-        raise RuntimeError(f"training under {out_dir}/train/{cfg.run.name} reported no checkpoint")
+        raise RuntimeError(f"training under {run.uri_of('train', cfg.run.name)} reported no checkpoint")
     summary = {
-        "checkpoint": result.checkpoint.path, "steps": total_steps, "pairs": n_pairs,
+        "checkpoint": run.uri_at(result.checkpoint.path), "steps": total_steps, "pairs": n_pairs,
         "global_batch": global_batch, "curriculum": positions is not None, "loss": loss_fn.name,
-        "seconds": round(seconds, 1), "metrics_file": os.path.join(out_dir, "train", "metrics.jsonl"),
+        "seconds": round(seconds, 1), "metrics_file": run.uri_of("train", "metrics.jsonl"),
         "final_metrics": dict(result.metrics or {}),
     }
     run.set("train", summary)
@@ -296,7 +301,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         write_checkpoint,
     )
     from pipelines.training.losses import Logps
-    from pipelines.training.metrics import StepMetrics, append_jsonl
+    from pipelines.training.metrics import JsonlLog, StepMetrics
     from pipelines.training.model import disable_dropout, param_digest, wrap_model
     from pipelines.training.placement import local_rows
 
@@ -351,8 +356,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          f"{sched.rows_per_step}")
     pad = pad_token_id(tokenizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=oc.bf16)
-    metrics_file = os.path.join(config["out_dir"], "train", "metrics.jsonl")
-    batch_log = os.path.join(config["out_dir"], "train", "batches", f"rank{rank}.jsonl")
+    fs, train_dir = config["run_fs"], config["train_dir"]
+    metrics_log = JsonlLog(fs, f"{train_dir}/metrics.jsonl") if rank == 0 else None
+    batch_log = JsonlLog(fs, f"{train_dir}/batches/rank{rank}.jsonl") if cfg.output.log_batches else None
     bar = None
     if rank == 0 and config.get("progress") == "bar":
         from ray.experimental.tqdm_ray import tqdm
@@ -389,11 +395,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                         label_smoothing=cfg.loss.label_smoothing)
                 ((loss * weight).sum() * scale).backward()
             acc.add(loss, metrics, int(((pol.chosen_tokens + pol.rejected_tokens) * weight).sum().item()), weight)
-            if cfg.output.log_batches:
+            if batch_log is not None:
                 real = [i for i, w in zip(idx, weight.tolist(), strict=True) if w > 0]
-                append_jsonl(batch_log, {"step": step + 1, "micro": micro, "rank": rank,
-                                         "ids": [data.ids[i] for i in real], "pos": [data.pos[i] for i in real],
-                                         "padded": len(idx) - len(real)})
+                batch_log.append({"step": step + 1, "micro": micro, "rank": rank,
+                                  "ids": [data.ids[i] for i in real], "pos": [data.pos[i] for i in real],
+                                  "padded": len(idx) - len(real)})
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -408,7 +414,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "pairs_per_s": n_rows / dt, "tokens_per_s": n_tokens / dt,
                 "epoch": done / config["steps_per_epoch"]}
         if rank == 0:
-            append_jsonl(metrics_file, {**last, "time": time.time()})
+            metrics_log.append({**last, "time": time.time()})
             progress = f"train loss {means['loss']:.4f} {last['pairs_per_s']:.1f} pairs/s"
             if bar is not None:
                 bar.set_description(progress)
@@ -430,6 +436,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         torch.distributed.all_gather_object(digests, digests[0])
                     last["params_in_sync"] = len(set(digests)) == 1
                 last["param_digest"] = digests[0]
+            for log in (metrics_log, batch_log):
+                if log is not None:
+                    log.flush()  # on an object store, the lines so far, up to this checkpoint
             model_state, optim_state = full_state(model, optimizer)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None

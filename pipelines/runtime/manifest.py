@@ -81,8 +81,9 @@ class RunDir:
     """A run folder on any pyarrow filesystem (a local path, or s3://, gs://, hdfs:// on clusters).
 
     Ray Data and Ray Train get `fs` with a plain `path(...)`, never a URI to resolve again: the filesystem
-    object carries the endpoint and the credentials the driver resolved into every task and worker (it
-    pickles with them), so workers need no environment of their own.
+    object pickles with its endpoint (from AWS_ENDPOINT_URL or the URI's query, as the driver saw it), so
+    every task and worker reaches the same store. Credentials found in the environment do not travel with
+    it: each node resolves its own (cluster/README.md, "Where models and outputs live").
     """
 
     def __init__(self, uri: str):
@@ -99,10 +100,13 @@ class RunDir:
     def uri_of(self, *parts: str) -> str:
         """Where a part of the run is, for people and for other runs' configs: the scheme is kept, a query
         (an endpoint) is not, so an s3:// input with a custom endpoint needs AWS_ENDPOINT_URL or its query."""
+        return self.uri_at(self.path(*parts))
+
+    def uri_at(self, path: str) -> str:
+        """The URI of a path inside `fs`, such as the checkpoint folder Ray Train reports."""
         if "://" in self.uri:
-            scheme = self.uri.split("://", 1)[0]
-            return f"{scheme}://" + self.path(*parts)
-        return self.path(*parts)
+            return self.uri.split("://", 1)[0] + "://" + path
+        return path
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound

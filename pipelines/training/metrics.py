@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from typing import Any
 
@@ -38,11 +37,6 @@ class StepMetrics:
             dist.all_reduce(t)
         count = int(t[-2].item())
         return {k: float(t[i].item()) / max(count, 1) for i, k in enumerate(keys)}, count, int(t[-1].item())
-
-def append_jsonl(path: str, record: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True, default=float) + "\n")
 
 class JsonlLog:
     """A JSON-lines file (metrics.jsonl, the batch log) on any pyarrow filesystem.

@@ -28,13 +28,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from pipelines.runtime.manifest import filesystem_of
 
 
 def locate_pairs(path: str) -> str:
-    """A run folder's pairs/ when there is one, else the path itself."""
-    if "://" not in path and os.path.isdir(os.path.join(path, "pairs")):
+    """A run folder's pairs/ when there is one, else the path itself: a local path or a URI (s3://, gs://;
+    a query such as ?endpoint_override=... stays at the end)."""
+    fs, root = filesystem_of(path)
+    if fs.get_file_info(root.rstrip("/") + "/pairs").type != pafs.FileType.Directory:
+        return path
+    if "://" not in path:
         return os.path.join(path, "pairs")
-    return path
+    base, sep, query = path.partition("?")
+    return f"{base.rstrip('/')}/pairs{sep}{query}"
 
 def input_stamp(path: str) -> list:
     """Sizes and mtimes of local parquet inputs: a changed input recomputes the reference log-probs."""

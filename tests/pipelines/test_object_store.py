@@ -24,9 +24,13 @@ import pytest
 from operators.base import QUARANTINE
 from pipelines import curate
 from pipelines import select as select_pipeline
-from pipelines.runtime.config import CurateConfig, load_config
+from pipelines.runtime.config import CurateConfig, from_dict, load_config
 from pipelines.runtime.manifest import SUCCESS, RunDir, StageRecord
 from pipelines.runtime.stages import run_stage
+from pipelines.train_dpo import TrainConfig
+from pipelines.train_dpo import main as train_main
+from pipelines.training.metrics import JsonlLog
+from pipelines.training.placement import locate_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 UF_300 = REPO / "pipelines" / "data" / "ultrafeedback_binarized_sample_300.jsonl.gz"
@@ -131,7 +135,8 @@ class Store:
             f.write(data)
 
     def table(self, key: str) -> pa.Table:
-        return pads.dataset(f"{BUCKET}/{key}", filesystem=self.fs, format="parquet").to_table()
+        shards = [k for k in self.keys(key) if k.endswith(".parquet")]  # not the tests' marker objects
+        return pads.dataset(shards, filesystem=self.fs, format="parquet").to_table()
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +153,29 @@ def s3(ray_local):
     yield Store(fs, endpoint)
     env.undo()
     server.stop()
+
+
+def test_endpoint_in_the_uri_and_logs_without_append(s3, monkeypatch):
+    """A query URI alone reaches the server; a run folder's pairs/ is found on S3 with the query kept; a
+    JSON-lines log on S3 appears at flush and keeps the earlier run's lines."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    query = f"?endpoint_override={s3.endpoint}&scheme=http"
+    run = RunDir(f"s3://{BUCKET}/q{query}")
+    run.set("note", "via the query")
+    assert json.loads(s3.text("q/manifest.json"))["note"] == "via the query"
+    assert run.uri_of("pairs") == f"s3://{BUCKET}/q/pairs"
+    assert locate_pairs(run.uri) == run.uri  # no pairs/ yet: the path is taken as the pairs
+    s3.put("q/pairs/part-0.parquet", _parquet_bytes(pa.table({"prompt_id": ["a"]})))
+    assert locate_pairs(run.uri) == f"s3://{BUCKET}/q/pairs{query}"
+
+    log = JsonlLog(run.fs, run.path("train", "metrics.jsonl"))
+    log.append({"step": 1})
+    assert f"{BUCKET}/q/train/metrics.jsonl" not in s3.keys("q")  # held until a checkpoint flushes it
+    log.flush()
+    resumed = JsonlLog(run.fs, run.path("train", "metrics.jsonl"))
+    resumed.append({"step": 2})
+    resumed.flush()
+    assert steps_of(s3.text("q/train/metrics.jsonl")) == [1, 2]
 
 
 def curate_cfg(out: str, *overrides: str) -> CurateConfig:
@@ -207,6 +235,71 @@ def test_select_reruns_only_selection_on_s3(s3, s3_curated):
     out = select_pipeline.main(cfg)
     assert out["records"]["pairs"].rows_out == 60 == s3.table("uf/pairs").num_rows
     assert f"{BUCKET}/uf/stats/untouched.txt" in s3.keys("uf/stats")  # statistics were not recomputed
+
+
+def train_cfg(policy: str, max_steps: int) -> TrainConfig:
+    """2 workers x 2 pairs a step, a checkpoint every 2 steps, reference log-probs computed as a stage."""
+    return from_dict(TrainConfig, {
+        "run": {"name": "uf", "seed": 0},
+        "input": {"path": f"s3://{BUCKET}/uf", "max_length": 64},  # a run folder: its pairs/ is read
+        "output": {"dir": f"s3://{BUCKET}/train", "log_batches": True},
+        "model": {"policy": policy},
+        "reference": {"num_cpus": 0.5, "batch_size": 16, "micro_batch_size": 8},
+        "loss": {"name": "sigmoid", "beta": 0.1},
+        "optim": {"lr": 1e-3, "max_steps": max_steps, "per_device_batch_size": 2},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "checkpoint": {"every_n_steps": 2, "keep": 2},
+        "ray": {"num_cpus": 2, "object_store_memory_gb": 1.0, "progress": False},
+    })
+
+
+@pytest.fixture(scope="module")
+def s3_trained(s3, s3_curated, tiny_models):
+    """4 steps on the curated pairs, then the same run rerun with max_steps 6: it resumes at step 4."""
+    first = train_main(train_cfg(tiny_models["policy"], 4))
+    after_first = {"metrics": s3.text("train/train/metrics.jsonl"), "keys": s3.keys("train")}
+    s3.put("train/pairs_ref/untouched.txt", b"x")
+    second = train_main(train_cfg(tiny_models["policy"], 6))
+    return {"first": first, "after_first": after_first, "second": second}
+
+
+def steps_of(jsonl: str) -> list[int]:
+    return [json.loads(line)["step"] for line in jsonl.splitlines()]
+
+
+@pytest.mark.slow  # two Ray Train fits
+def test_training_writes_checkpoints_and_metrics_to_s3(s3, s3_trained):
+    first, seen = s3_trained["first"], s3_trained["after_first"]
+    assert first["checkpoint"] == f"s3://{BUCKET}/train/train/uf/checkpoint_000004"
+    assert first["metrics_file"] == f"s3://{BUCKET}/train/train/metrics.jsonl"
+    assert steps_of(seen["metrics"]) == [1, 2, 3, 4]
+    ckpt = f"{BUCKET}/train/train/uf/checkpoint_000004"
+    assert {f"{ckpt}/trainer_state.json", f"{ckpt}/config.json", f"{ckpt}/trainer_state.pt"} <= set(seen["keys"])
+    assert f"{BUCKET}/train/pairs_ref/{SUCCESS}" in seen["keys"]
+    # Most real prompts exceed max_length 64 and are quarantined by the reference stage, on S3 too.
+    pairs, ref, bad = s3.table("uf/pairs"), s3.table("train/pairs_ref"), s3.table("train/quarantine/pairs_ref")
+    assert ref.num_rows == first["pairs"] > 0 and bad.num_rows > 0
+    assert ref.num_rows + bad.num_rows == pairs.num_rows
+    assert {"ref_chosen_logp", "ref_rejected_logp"} <= set(ref.column_names)
+    assert set(bad.column("reason").to_pylist()) == {"prompt_exceeds_max_length"}
+    assert f"{BUCKET}/train/quarantine/pairs_ref/{SUCCESS}" in seen["keys"]
+    assert all(k.startswith(f"{BUCKET}/") for k in seen["keys"])
+    assert not [k for k in seen["keys"] if ".tmp" in k]
+
+
+@pytest.mark.slow  # two Ray Train fits
+def test_training_on_s3_resumes_from_its_checkpoint(s3, s3_trained):
+    second = s3_trained["second"]
+    assert second["checkpoint"] == f"s3://{BUCKET}/train/train/uf/checkpoint_000006"
+    state = json.loads(s3.text("train/train/uf/checkpoint_000006/trainer_state.json"))
+    assert state["step"] == 6
+    rows = [json.loads(line) for line in s3.text("train/train/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # 5..6 follow the first run's 1..4
+    # Resumed at step 4 of a cosine schedule rebuilt for 6 steps: lr = lr0 * 0.5 (1 + cos(pi 4/6)) = 2.5e-4.
+    assert rows[4]["lr"] == pytest.approx(2.5e-4, rel=1e-6)
+    assert f"{BUCKET}/train/pairs_ref/untouched.txt" in s3.keys("train/pairs_ref")  # reference not recomputed
+    m = json.loads(s3.text("train/manifest.json"))
+    assert m["train"]["checkpoint"] == second["checkpoint"] and m["stages"]["pairs_ref"]["balanced"]
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -1,4 +1,5 @@
-"""Reward scoring: prefsift's RewardScorer on Ray Data vs a plain HF forward loop at the same batch size.
+"""Reward scoring: prefsift's RewardScorer on Ray Data (HF and vLLM backends) vs a plain HF forward loop at
+the same micro-batch size and raw vLLM pooling (`LLM.classify`, every text in one call).
 
     python benchmarks/bench_score.py --quick                     # 128 responses (CI smoke)
     python benchmarks/bench_score.py                             # 2,400 responses, tiny reward model, CPU
@@ -6,7 +7,8 @@
 
 Inputs: the 600 real responses (300 prompts x 2) of the shipped UltraFeedback sample
 (pipelines/data/ultrafeedback_binarized_sample_300.jsonl.gz), 1 to ~5,500 characters long, cycled to
-`--responses` rows in file order (copy c of a prompt gets prompt_id `<id>-c<c>`).
+`--responses` responses in file order (copy c of a prompt gets prompt_id `<id>-c<c>`). The pipeline reads
+them as scored curation does: one row per prompt with its `responses` list.
 
 Both sides read the same text: the reward tokenizer's chat template over [user prompt, assistant response],
 cut to `--max-length` tokens keeping the end (the scorer's rule, `operators.score.truncate_keep_end`), and
@@ -14,7 +16,8 @@ both run forward passes of `--micro-batch-size` rows in the same dtype and, on C
 threads (Ray gives an actor OMP_NUM_THREADS = floor(num_cpus), at least 1, and the baseline is set to
 match). The difference is what the operator adds: within each map_batches call of `--batch-size` rows it
 sorts rows by length before cutting micro-batches, where the baseline pads every micro-batch, taken in input
-order, to its longest row. Every row's reward is compared between the two.
+order, to its longest row. Raw vLLM pooling gets the same token ids with the activation off (raw logits).
+Every response's reward is compared with the HF loop's.
 
 Start-up is excluded from both, as in bench_generate.py: the baseline's clock starts after the model is
 loaded, the pipeline's when its actor's constructor (model load) returned; what remains in the pipeline's
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import itertools
 import json
 import math
@@ -62,6 +66,7 @@ RESPONSES_FILE = REPO / "pipelines" / "data" / "ultrafeedback_binarized_sample_3
 
 
 def load_responses(n: int) -> pa.Table:
+    """One row per response (prompt_id, sample_idx, prompt, response), in file order."""
     with gzip.open(RESPONSES_FILE, "rt", encoding="utf-8") as f:
         base = [(row["prompt_id"], j, row["prompt"], r["text"])
                 for row in map(json.loads, f) for j, r in enumerate(row["responses"])]
@@ -70,6 +75,26 @@ def load_responses(n: int) -> pa.Table:
     cols = list(zip(*rows, strict=True))
     return pa.table({"prompt_id": list(cols[0]), "sample_idx": pa.array(cols[1], pa.int64()),
                      "prompt": list(cols[2]), "response": list(cols[3])})
+
+
+def prompt_rows(flat: pa.Table) -> pa.Table:
+    """The same responses as scored curation holds them: one row per prompt, `responses` a list of structs."""
+    rows: dict[str, dict] = {}
+    for r in flat.to_pylist():
+        row = rows.setdefault(r["prompt_id"], {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "responses": []})
+        row["responses"].append({"text": r["response"], "sample_idx": r["sample_idx"]})
+    return pa.Table.from_pylist(list(rows.values()))
+
+
+def _encoded(a: argparse.Namespace, table: pa.Table, tok) -> list[list[int]]:
+    """Every response's token ids, as both sides read them (chat template, end kept)."""
+    from operators.score import truncate_keep_end
+
+    convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+             for p, r in zip(table.column("prompt").to_pylist(), table.column("response").to_pylist(), strict=True)]
+    texts = tok.apply_chat_template(convs, tokenize=False)
+    return [truncate_keep_end(x, a.max_length, tok.bos_token_id)
+            for x in tok(texts, add_special_tokens=False)["input_ids"]]
 
 
 def _dtype(a: argparse.Namespace) -> str:
@@ -158,6 +183,30 @@ def _bucketed_padding(lengths: list[int], a: argparse.Namespace) -> tuple[int, i
     return tokens, cells
 
 
+def run_raw_vllm(a: argparse.Namespace) -> dict:
+    """vLLM's pooling runner as a user would call it: one LLM, every text in one classify call."""
+    from transformers import AutoTokenizer
+
+    from operators.vllm_engines import PoolingEngine
+
+    table = pq.read_table(a.data)
+    t0 = time.perf_counter()
+    engine = PoolingEngine(a.model, _dtype(a), a.max_length, 0.3 if not cuda_available() else 0.85,
+                           cuda_available(), False)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    startup = time.perf_counter() - t0
+    t1, c1 = time.perf_counter(), time.process_time()
+    ids = _encoded(a, table, tok)
+    rewards = engine.classify(ids)[:, 0]
+    seconds, cpu = time.perf_counter() - t1, time.process_time() - c1
+    engine.close()
+    pq.write_table(pa.table({"prompt_id": table.column("prompt_id"), "sample_idx": table.column("sample_idx"),
+                             "reward": rewards}), a.out)
+    tokens = sum(map(len, ids))
+    return {"seconds": seconds, "cpu_s": cpu, "startup_s": startup, "rows": table.num_rows, "tokens": tokens,
+            "rows_s": table.num_rows / seconds, "tok_s": tokens / seconds}
+
+
 def _scorer_class(log: str) -> type:
     from operators.score import RewardScorer
 
@@ -180,7 +229,7 @@ def _scorer_class(log: str) -> type:
     return BenchScorer
 
 
-def run_pipeline(a: argparse.Namespace) -> dict:
+def run_pipeline(a: argparse.Namespace, backend: str) -> dict:
     """The curate pipeline's score stage: `apply(ds, RewardScorer, scorer_resources(cfg))`."""
     import ray
 
@@ -188,17 +237,20 @@ def run_pipeline(a: argparse.Namespace) -> dict:
     from operators.score import RewardModelCfg, ScoreCfg, scorer_resources
 
     init_s = init_local_ray(object_store_gb=1.0)
-    cfg = ScoreCfg(models=[RewardModelCfg(path=a.model)], batch_size=a.batch_size,
+    cfg = ScoreCfg(models=[RewardModelCfg(path=a.model)], backend=backend, batch_size=a.batch_size,
                    micro_batch_size=a.micro_batch_size, max_length=a.max_length, dtype=_dtype(a),
-                   num_cpus=a.actor_cpus, num_gpus=1.0 if cuda_available() else 0.0)
-    log = os.path.join(os.path.dirname(a.out), "timings.jsonl")
-    ds = ray.data.from_arrow(pq.read_table(a.data))
+                   num_cpus=a.actor_cpus, num_gpus=1.0 if cuda_available() else 0.0,
+                   max_concurrent_batches=a.max_concurrent_batches)
+    log = os.path.join(os.path.dirname(a.out), f"timings-{backend}.jsonl")
+    ds = ray.data.from_arrow(prompt_rows(pq.read_table(a.data)))
     w0 = time.time()
     out = apply(ds, _scorer_class(log), scorer_resources(cfg), cfg=cfg).materialize()
     w1 = time.time()
     # The materialized blocks straight from the object store: another Ray Data pass would wait for a CPU
     # that the scorer actor may still hold (with --actor-cpus = all cores).
-    scored = pa.concat_tables([t.select(["prompt_id", "sample_idx", "reward"]) for t in ray.get(out.to_arrow_refs())])
+    nested = pa.concat_tables([t.select(["prompt_id", "responses"]) for t in ray.get(out.to_arrow_refs())])
+    scored = pa.Table.from_pylist([{"prompt_id": r["prompt_id"], "sample_idx": s["sample_idx"], "reward": s["overall"]}
+                                   for r in nested.to_pylist() for s in r["responses"]])
     pq.write_table(scored, a.out)
     tm = read_timings(log)
     with open(log, encoding="utf-8") as f:
@@ -238,14 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(ap, "tiny | qwen2-0.5b (its 1B-shaped reward model)")
     ap.add_argument("--responses", type=int, default=None, help="default 2400; 128 with --quick")
     # The demo config's sizes: 64 rows per call, forwards of 16, 512 tokens.
-    ap.add_argument("--batch-size", type=int, default=64, help="rows per map_batches call (the bucketing window)")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="prompt rows per map_batches call, 2 responses each (the bucketing window)")
+    ap.add_argument("--max-concurrent-batches", type=int, default=2)
+    ap.add_argument("--contenders", default="baseline,raw-vllm,hf,vllm",
+                    help="comma list of baseline,raw-vllm,hf,vllm (the last two: RewardScorer's backends)")
     ap.add_argument("--micro-batch-size", type=int, default=16, help="rows per forward pass, both sides")
     ap.add_argument("--max-length", type=int, default=512)
     # 1 on CPU: two OpenMP threads on a 2-core machine, beside Ray's own processes and any other job, spin
     # against each other; one thread per side scored 3-4x faster here than two.
     ap.add_argument("--actor-cpus", type=float, default=None, help="the scorer actor's num_cpus (default 1; 4 GPU)")
     ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
-    ap.add_argument("--contender", choices=["baseline", "pipeline"], help=argparse.SUPPRESS)
+    ap.add_argument("--contender", choices=["baseline", "raw-vllm", "hf", "vllm"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -255,58 +311,75 @@ def main(argv: list[str] | None = None) -> int:
         a.actor_cpus = 4.0 if cuda_available() else 1.0
 
     if a.contender:
-        result(run_baseline(a) if a.contender == "baseline" else run_pipeline(a))
+        runs = {"baseline": run_baseline, "raw-vllm": run_raw_vllm}
+        result(runs[a.contender](a) if a.contender in runs else run_pipeline(a, a.contender))
         return 0
 
+    wanted = a.contenders.split(",")
+    if "baseline" not in wanted:
+        wanted.insert(0, "baseline")  # every reward is checked against it
+    notes = []
+    if importlib.util.find_spec("vllm") is None and {"raw-vllm", "vllm"} & set(wanted):
+        notes.append("vLLM is not installed here: raw-vllm and the vllm backend were skipped")
+        wanted = [w for w in wanted if w not in ("raw-vllm", "vllm")]
+    if a.quick and a.contenders == ap.get_default("contenders"):
+        wanted = ["baseline", "hf"]
+        notes.append("--quick skips vLLM: engine start-ups (~30 s each on CPU) would dominate a smoke run")
     work = Path(tempfile.mkdtemp(prefix="bench_score_"))
+    res, checks, load = {}, {}, {}
     try:
         model = prepare_models(a.model_shape, a.models_dir or work / "models")["reward"]
         data = work / "responses.parquet"
         pq.write_table(load_responses(a.responses), data)
         base = ["--model", model, "--data", str(data), "--responses", str(a.responses), "--batch-size",
                 str(a.batch_size), "--micro-batch-size", str(a.micro_batch_size), "--max-length",
-                str(a.max_length), "--actor-cpus", str(a.actor_cpus), *(["--dtype", a.dtype] if a.dtype else [])]
-        res = {}
-        for name in ("baseline", "pipeline"):
-            print(f"[bench_score] {name} ...", file=sys.stderr, flush=True)
+                str(a.max_length), "--actor-cpus", str(a.actor_cpus), "--max-concurrent-batches",
+                str(a.max_concurrent_batches), *(["--dtype", a.dtype] if a.dtype else [])]
+        for name in wanted:
+            load[name] = round(os.getloadavg()[0], 2)
+            print(f"[bench_score] {name} ... (load {load[name]})", file=sys.stderr, flush=True)
             # The same OpenMP setting as the actor's (Ray sets it from num_cpus).
-            env = {"OMP_NUM_THREADS": str(_actor_threads(a.actor_cpus))} if name == "baseline" and not cuda_available() else None
+            env = {"OMP_NUM_THREADS": str(_actor_threads(a.actor_cpus))} \
+                if name in ("baseline", "raw-vllm") and not cuda_available() else None
             res[name] = run_contender(Path(__file__).resolve(),
                                       [*base, "--contender", name, "--out", str(work / f"{name}.parquet")], env=env)
-        check = compare(str(work / "baseline.parquet"), str(work / "pipeline.parquet"), _dtype(a))
+        for name in wanted[1:]:
+            checks[name] = compare(str(work / "baseline.parquet"), str(work / f"{name}.parquet"), _dtype(a))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    b, p = res["baseline"], res["pipeline"]
-    # The same encoded texts on both sides (the rewards check shows it), so the same real tokens.
-    p["tokens"] = b["tokens"]
-    p["tok_s"] = b["tokens"] / p["seconds"]
-    p["padded_tokens_modelled"] = b["pipeline_padded_tokens_modelled"]
-    p["attention_cells_modelled"] = b["pipeline_attention_cells_modelled"]
-
-    rows = [["plain HF forward loop, input order", b["rows"], b["tokens"], b["padded_tokens"], b["attention_cells"],
-             b["seconds"], b["cpu_s"], b["rows_s"], b["tok_s"], None, b["torch_threads"], b["startup_s"]],
-            ["prefsift RewardScorer on Ray Data", p["rows"], p["tokens"], p["padded_tokens_modelled"],
-             p["attention_cells_modelled"], p["seconds"], p["cpu_s"], p["rows_s"], p["tok_s"], p["steady_rows_s"],
-             p["torch_threads"], p["startup_s"]]]
-    table = markdown_table(["contender", "responses", "tokens", "padded tokens run", "rows x width^2",
-                            "seconds (excl. start-up)", "CPU s (scoring)", "responses/s", "tokens/s",
-                            "responses/s, batches only", "torch threads", "start-up s (excluded)"], rows)
-    table += (f"\n\nrewards on {check['joined']:,} rows: max |diff| {check['max_abs_diff']:.2e}, "
-              f"agree: {check['agree']}")
-    ratios = {"pipeline_over_baseline_responses_s": ratio(p["rows_s"], b["rows_s"]),
-              "pipeline_steady_over_baseline_responses_s": ratio(p["steady_rows_s"], b["rows_s"]),
-              "baseline_cpu_over_pipeline_cpu": ratio(b["cpu_s"], p["cpu_s"]),
-              "baseline_padding_over_pipeline_padding": ratio(b["padded_tokens"], p["padded_tokens_modelled"]),
-              "baseline_attention_over_pipeline_attention": ratio(b["attention_cells"], p["attention_cells_modelled"])}
-    notes = [f"the pipeline's padded tokens and rows x width^2 are modelled from the encoded lengths "
-             f"(length_buckets over consecutive calls of {a.batch_size} rows); real tokens {b['tokens']:,}",
-             "CPU s: the scoring process's CPU time over the timed part (all threads; on CPU spin-waits count)"]
-    emit("reward scoring", clean({"responses": a.responses, "baseline": b, "pipeline": p, "check": check}),
-         ratios, table=table, notes=notes, targets={"pipeline_over_baseline_responses_s": ">= 1.0"},
+    b = res["baseline"]
+    for name in ("hf", "vllm"):
+        if name in res:  # the same encoded texts on every side (the rewards check shows it)
+            res[name]["tokens"] = b["tokens"]
+            res[name]["tok_s"] = b["tokens"] / res[name]["seconds"]
+    if "hf" in res:
+        res["hf"]["padded_tokens_modelled"] = b["pipeline_padded_tokens_modelled"]
+    raws = {n: res[n]["rows_s"] for n in ("baseline", "raw-vllm") if n in res}
+    fastest_raw = max(raws, key=raws.get)
+    labels = {"baseline": "plain HF forward loop, input order", "raw-vllm": "raw vLLM pooling, one classify call",
+              "hf": "prefsift RewardScorer (hf) on Ray Data", "vllm": "prefsift RewardScorer (vllm) on Ray Data"}
+    rows = [[labels[n], r["rows"], r["tokens"], r.get("padded_tokens", r.get("padded_tokens_modelled")), r["seconds"],
+             r["cpu_s"], r["rows_s"], r["tok_s"], ratio(r["rows_s"], raws[fastest_raw]),
+             (checks.get(n) or {}).get("max_abs_diff"), r["startup_s"], load[n]] for n, r in res.items()]
+    table = markdown_table(["contender", "responses", "tokens", "padded tokens run", "seconds (excl. start-up)",
+                            "CPU s (scoring)", "responses/s", "tokens/s", f"x {fastest_raw}",
+                            "max |reward diff| vs HF loop", "start-up s (excluded)", "load 1m"], rows)
+    table += "\n\nrewards agree with the HF loop: " + ", ".join(f"{n} {c['agree']}" for n, c in checks.items())
+    ratios = {f"{n}_over_fastest_raw_responses_s": ratio(res[n]["rows_s"], raws[fastest_raw])
+              for n in ("hf", "vllm") if n in res}
+    ratios["raw_vllm_over_hf_loop_responses_s"] = ratio(raws.get("raw-vllm"), raws.get("baseline"))
+    ratios["vllm_backend_over_hf_backend"] = ratio(res.get("vllm", {}).get("rows_s"), res.get("hf", {}).get("rows_s"))
+    notes += [f"the hf backend's padded tokens are modelled from the encoded lengths (length_buckets over "
+              f"consecutive calls of {a.batch_size} prompt rows); real tokens {b['tokens']:,}",
+              "CPU s: the scoring process's CPU time over the timed part (all threads; on CPU spin-waits count)",
+              f"fastest raw contender: {fastest_raw}"]
+    check = {"agree": all(c["agree"] for c in checks.values()), **checks}
+    emit("reward scoring", clean({"responses": a.responses, **res, "check": check}), ratios, table=table,
+         notes=notes, targets={"hf_over_fastest_raw_responses_s": ">= 1.0 (or the vllm backend's)"},
          config={"model_shape": a.model_shape, "responses": a.responses, "batch_size": a.batch_size,
                  "micro_batch_size": a.micro_batch_size, "max_length": a.max_length, "actor_cpus": a.actor_cpus,
-                 "dtype": _dtype(a), "quick": a.quick, "startup": "excluded from both",
-                 "inputs": RESPONSES_FILE.name})
+                 "max_concurrent_batches": a.max_concurrent_batches, "dtype": _dtype(a), "quick": a.quick,
+                 "startup": "excluded from all", "inputs": RESPONSES_FILE.name, "load_1m_at_start": load})
     return 0
 
 

@@ -76,21 +76,27 @@ print(f"gpu.sh: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", fil
 EOF
 
 # vLLM is optional; a wheel built against another torch fails on import with more than an ImportError.
+# ray.data.llm is a contender too when it imports (it needs aiohttp; its failure to run is noted, not fatal).
 if "$PY" -c "import vllm" >/dev/null 2>&1; then
-    BACKENDS=raw-vllm,raw-vllm-actor,vllm,hf
+    BACKENDS=raw-vllm,sync,async
+    "$PY" -c "import ray.data.llm" >/dev/null 2>&1 && BACKENDS=$BACKENDS,ray-data-llm
+    SCORERS=baseline,raw-vllm,hf,vllm
 else
     BACKENDS=hf
-    echo "gpu.sh: vllm does not import here; generation runs the HF backend only" >&2
+    SCORERS=baseline,hf
+    echo "gpu.sh: vllm does not import here; generation runs the HF backend only, scoring the HF loop and backend" >&2
 fi
 
+# Generation crosses at least 8 map_batches calls (prompts / batch size), as production does. The random-init
+# policy rarely emits eos, so its lengths run to max-tokens; the length distribution is printed.
 if (( QUICK )); then
-    GEN="--prompts 64 --max-tokens 64 --max-model-len 2048"
-    SCORE="--responses 1200 --batch-size 256 --micro-batch-size 32 --max-length 1024"
+    GEN="--prompts 64 --max-tokens 64 --max-model-len 2048 --batch-size 8"
+    SCORE="--responses 1200 --batch-size 128 --micro-batch-size 32 --max-length 1024"
     TRAIN="--steps 10 --max-length 1024"
 else
-    # 1000 prompts x K=4 x 256 tokens keeps vLLM's batch full for tens of seconds; 256 prompts per call.
-    GEN="--prompts 1000 --max-tokens 256 --max-model-len 2048 --batch-size 256"
-    SCORE="--responses 9600 --batch-size 256 --micro-batch-size 32 --max-length 1024"
+    # 2048 prompts x K=4 x 256 tokens in 8 calls of 256 prompts keeps vLLM's batch full for tens of seconds.
+    GEN="--prompts 2048 --max-tokens 256 --max-model-len 2048 --batch-size 256 --max-concurrent-batches 4"
+    SCORE="--responses 9600 --batch-size 128 --micro-batch-size 32 --max-length 1024"
     TRAIN="--steps 40 --max-length 1024"
 fi
 
@@ -101,4 +107,4 @@ QUICK_FLAG=()
 (( QUICK )) && QUICK_FLAG=(--quick)
 "$PY" benchmarks/run_all.py ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} --stages generate,score,train --model-shape "$SHAPE" \
     --models-dir "$MODELS" --save --results-dir "$RESULTS" \
-    --extra generate="--backends $BACKENDS $GEN" --extra score="$SCORE" --extra train="$TRAIN"
+    --extra generate="--backends $BACKENDS $GEN" --extra score="--contenders $SCORERS $SCORE" --extra train="$TRAIN"

@@ -25,6 +25,8 @@ on; cutting the end instead would score an arbitrary point mid-response.
 
 from __future__ import annotations
 
+import importlib.util
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +49,9 @@ class RewardModelCfg:
 @dataclass(frozen=True)
 class ScoreCfg:
     models: list[RewardModelCfg] = field(default_factory=list)
+    # hf: transformers forward passes over length-sorted micro-batches. vllm: vLLM's pooling runner
+    # (classify, raw logits). auto: the faster one measured for the device (resolve_backend).
+    backend: Literal["auto", "hf", "vllm"] = "auto"
     # How `reward` is formed from aspects: `mean` of all aspects, or the name of one aspect.
     overall: str = "mean"
     # Python reward callables, "module:function" (operators.reward_functions): a list names each aspect by
@@ -57,8 +62,12 @@ class ScoreCfg:
     max_length: int = 1024
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     concurrency: int = 1
+    # map_batches calls in flight per actor: the next call's texts are templated and tokenized in one thread
+    # while the model scores the current call's in another (the model itself runs one call at a time).
+    max_concurrent_batches: int = 2
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    gpu_memory_utilization: float = 0.3  # vllm backend: its KV cache share (0.3 on CPU, DESIGN.md)
     trust_remote_code: bool = False
     max_restarts: int | None = None
 
@@ -122,10 +131,11 @@ def length_buckets(lengths: list[int], micro_batch_size: int) -> list[list[int]]
 @dataclass
 class _Model:
     path: str
-    model: Any
+    model: Any  # a transformers sequence classifier, or (vllm backend) operators.vllm_engines.PoolingEngine
     tokenizer: Any
     aspects: list[str] | None
     pad_id: int
+    num_labels: int
 
     def encode(self, conv: list[dict[str, str]], prompt: str, response: str, max_length: int) -> list[int]:
         tok = self.tokenizer
@@ -139,10 +149,12 @@ class _Model:
     def score(self, encoded: list[list[int]], micro_batch_size: int) -> np.ndarray:
         """(rows, outputs) float64, in input order. Right padding: positions stay 0..L-1 as in an unpadded
         forward, and the model finds each row's last real token through its pad_token_id."""
+        if not hasattr(self.model, "parameters"):
+            return self.model.classify(encoded)
         import torch
 
         device = next(self.model.parameters()).device
-        out = np.empty((len(encoded), self.model.config.num_labels), dtype=np.float64)
+        out = np.empty((len(encoded), self.num_labels), dtype=np.float64)
         with torch.inference_mode():
             for rows in length_buckets([len(e) for e in encoded], micro_batch_size):
                 width = max(len(encoded[i]) for i in rows)
@@ -156,26 +168,49 @@ class _Model:
         return out
 
 
+# What score.backend=auto picks on CPU, from the side-by-side measurement (README, Performance: scoring).
+AUTO_CPU_BACKEND = "hf"
+
+
+def resolve_backend(cfg: ScoreCfg, cuda: bool) -> str:
+    """`score.backend`, with auto resolved to the faster backend measured on this kind of device (README,
+    Performance: scoring); hf when vLLM is not installed."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    if importlib.util.find_spec("vllm") is None:
+        return "hf"
+    return "vllm" if cuda else AUTO_CPU_BACKEND
+
+
 def _load(path: str, cfg_aspects: list[str] | None, cfg: ScoreCfg) -> _Model:
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     cuda = cfg.num_gpus > 0 and torch.cuda.is_available()
     # auto: bf16 on GPU (throughput, and what RMs are trained in); fp32 on CPU, exact for the test models.
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=getattr(torch, dtype), trust_remote_code=cfg.trust_remote_code
-    ).to("cuda" if cuda else "cpu").eval()
-    pad = model.config.pad_token_id
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    pad = config.pad_token_id
     if pad is None:
         # Batched sequence classification needs a pad id to find the last token; many RMs ship without one.
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError(f"score.models: {path} has no pad_token_id, pad token or eos token to pad with")
+    aspects = model_aspects(config.num_labels, cfg_aspects, config.id2label, path)
+    if resolve_backend(cfg, cuda) == "vllm":
+        from operators.vllm_engines import PoolingEngine
+
+        model: Any = PoolingEngine(path, dtype, cfg.max_length, cfg.gpu_memory_utilization, cuda,
+                                   cfg.trust_remote_code)
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=getattr(torch, dtype), trust_remote_code=cfg.trust_remote_code
+        ).to("cuda" if cuda else "cpu").eval()
         model.config.pad_token_id = pad
-    aspects = model_aspects(model.config.num_labels, cfg_aspects, model.config.id2label, path)
-    return _Model(path, model, tokenizer, aspects, int(pad))
+    return _Model(path, model, tokenizer, aspects, int(pad), int(config.num_labels))
 
 
 def flatten_responses(responses: pa.Array) -> tuple[pa.StructArray, np.ndarray, np.ndarray]:
@@ -208,10 +243,16 @@ class RewardScorer(Operator):
     def __init__(self, cfg: ScoreCfg):
         if not cfg.models:
             raise ValueError("score.models is empty: give at least one reward model path")
-        if cfg.micro_batch_size < 1 or cfg.max_length < 2:
-            raise ValueError("score.micro_batch_size must be >= 1 and score.max_length >= 2")
+        if cfg.micro_batch_size < 1 or cfg.max_length < 2 or cfg.max_concurrent_batches < 1:
+            raise ValueError("score.micro_batch_size and score.max_concurrent_batches must be >= 1 and "
+                             "score.max_length >= 2")
         self.cfg = cfg
         self.models = [_load(m.path, m.aspects, cfg) for m in cfg.models]
+        # Calls run in threads (max_concurrent_batches): one call tokenizes while another runs the models.
+        # Each side takes one call at a time; a fast tokenizer used from two threads at once can fail
+        # ("Already borrowed").
+        self._models_busy = threading.Lock()
+        self._tokenizers_busy = threading.Lock()
         self.aspects = combine_aspects([m.aspects for m in self.models], [m.path for m in self.models],
                                        cfg.overall)
 
@@ -276,20 +317,26 @@ class RewardScorer(Operator):
     def score_texts(self, convs: list[list[dict[str, str]]], prompts: list[str | None],
                     texts: list[str]) -> np.ndarray:
         """(responses, outputs of every model side by side) float64: a scalar model gives column 0."""
-        width = sum(m.model.config.num_labels for m in self.models)
+        width = sum(m.num_labels for m in self.models)
         if not texts:
             return np.empty((0, width))
         prompt_text = [p if p is not None else "\n".join(c["content"] for c in conv)
                        for p, conv in zip(prompts, convs, strict=True)]
-        cols = []
-        for m in self.models:
-            encoded = [m.encode(conv, p, t, self.cfg.max_length)
-                       for conv, p, t in zip(convs, prompt_text, texts, strict=True)]
-            cols.append(m.score(encoded, self.cfg.micro_batch_size))
+        with self._tokenizers_busy:
+            encoded = [[m.encode(conv, p, t, self.cfg.max_length)
+                        for conv, p, t in zip(convs, prompt_text, texts, strict=True)] for m in self.models]
+        with self._models_busy:
+            cols = [m.score(enc, self.cfg.micro_batch_size) for m, enc in zip(self.models, encoded, strict=True)]
         return np.concatenate(cols, axis=1)
+
+    def close(self) -> None:
+        for m in self.models:
+            if hasattr(m.model, "close"):
+                m.model.close()
 
 
 def scorer_resources(cfg: ScoreCfg) -> Resources:
     return Resources(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency,
-                     batch_size=cfg.batch_size, max_restarts=cfg.max_restarts)
+                     batch_size=cfg.batch_size, max_concurrency=cfg.max_concurrent_batches,
+                     max_restarts=cfg.max_restarts)
 

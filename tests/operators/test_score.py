@@ -250,3 +250,34 @@ def test_scorer_through_ray_data(ray_local, tiny_models):
             assert abs(resp["scores"]["helpfulness"] - expected[i, j, 0]) < 1e-5
             assert abs(resp["scores"]["correctness"] - expected[i, j, 1]) < 1e-5
             assert abs(resp["overall"] - expected[i, j].mean()) < 1e-5
+
+
+def test_backend_choice(monkeypatch):
+    import operators.score as score
+
+    assert score.resolve_backend(ScoreCfg(backend="hf"), cuda=True) == "hf"
+    assert score.resolve_backend(ScoreCfg(backend="vllm"), cuda=False) == "vllm"
+    assert score.resolve_backend(ScoreCfg(), cuda=True) in ("vllm", "hf")
+    assert score.resolve_backend(ScoreCfg(), cuda=False) == score.AUTO_CPU_BACKEND
+    monkeypatch.setattr(score.importlib.util, "find_spec", lambda name: None)  # no vLLM installed
+    assert score.resolve_backend(ScoreCfg(), cuda=True) == "hf"
+    assert scorer_resources(ScoreCfg(max_concurrent_batches=3)).max_concurrency == 3
+
+
+@pytest.mark.slow
+def test_vllm_pooling_backend_gives_raw_logits(tiny_models):
+    """vLLM's classify applies a sigmoid (one label) or softmax (several) unless told not to; the rewards
+    must be the raw logits the transformers forward gives, for a scalar and a two-head model."""
+    pytest.importorskip("vllm", reason="the vllm extra is not installed")
+    for name, micro in (("reward", 2), ("reward_multi", 4)):
+        scorer = RewardScorer(ScoreCfg(models=[RewardModelCfg(tiny_models[name])], backend="vllm",
+                                       micro_batch_size=micro, max_length=256))
+        try:
+            out = scorer(_batch())
+        finally:
+            scorer.close()
+        expected = _direct(tiny_models[name], _convs())
+        assert (expected < 0).any()  # a sigmoid or softmax output could not match these
+        got = _col(out, "overall") if name == "reward" else \
+            np.stack([_col(out, "scores", "helpfulness"), _col(out, "scores", "correctness")], axis=1)
+        np.testing.assert_allclose(got, expected[:, 0] if name == "reward" else expected, atol=1e-4, rtol=0)

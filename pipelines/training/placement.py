@@ -45,12 +45,16 @@ def locate_pairs(path: str) -> str:
     return f"{base.rstrip('/')}/pairs{sep}{query}"
 
 def input_stamp(path: str) -> list:
-    """Sizes and mtimes of local parquet inputs: a changed input recomputes the reference log-probs."""
-    if "://" in path or not os.path.exists(path):
+    """Sizes and mtimes of the parquet inputs, local or behind a URI: a changed input recomputes the
+    reference log-probs."""
+    fs, root = filesystem_of(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
         return [path]
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".parquet"))
-    return [[f, os.stat(f).st_size, int(os.stat(f).st_mtime)] for f in files]
+    files = [info] if info.type == pafs.FileType.File else sorted(
+        (f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.path.endswith(".parquet")),
+        key=lambda f: f.path)
+    return [[f.path, f.size, int(f.mtime.timestamp()) if f.mtime else None] for f in files]
 
 def require_sft_routes(ds: Any, where: str) -> int:
     """MixDPO with no pair routed to SFT is plain DPO under another name (with `select.margin_tau` and

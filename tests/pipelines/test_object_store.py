@@ -30,7 +30,7 @@ from pipelines.runtime.stages import run_stage
 from pipelines.train_dpo import TrainConfig
 from pipelines.train_dpo import main as train_main
 from pipelines.training.metrics import JsonlLog
-from pipelines.training.placement import locate_pairs
+from pipelines.training.placement import input_stamp, locate_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 UF_300 = REPO / "pipelines" / "data" / "ultrafeedback_binarized_sample_300.jsonl.gz"
@@ -166,7 +166,14 @@ def test_endpoint_in_the_uri_and_logs_without_append(s3, monkeypatch):
     assert run.uri_of("pairs") == f"s3://{BUCKET}/q/pairs"
     assert locate_pairs(run.uri) == run.uri  # no pairs/ yet: the path is taken as the pairs
     s3.put("q/pairs/part-0.parquet", _parquet_bytes(pa.table({"prompt_id": ["a"]})))
-    assert locate_pairs(run.uri) == f"s3://{BUCKET}/q/pairs{query}"
+    pairs = locate_pairs(run.uri)
+    assert pairs == f"s3://{BUCKET}/q/pairs{query}"
+    # The reference stage's fingerprint sees a changed input on S3 as on a local disk.
+    before = input_stamp(pairs)
+    assert [f[:2] for f in before] == [[f"{BUCKET}/q/pairs/part-0.parquet", len(_parquet_bytes(
+        pa.table({"prompt_id": ["a"]})))]]
+    s3.put("q/pairs/part-0.parquet", _parquet_bytes(pa.table({"prompt_id": ["a", "b"]})))
+    assert input_stamp(pairs) != before
 
     log = JsonlLog(run.fs, run.path("train", "metrics.jsonl"))
     log.append({"step": 1})

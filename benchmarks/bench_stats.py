@@ -4,12 +4,13 @@
     python benchmarks/bench_stats.py                  # 10M rows = 2.5M prompts x 4 responses
     python benchmarks/bench_stats.py --rows 1000000 --keep-data /tmp/stats1m
 
-The input is a synthetic scored long table in parquet shards: rewards ~ N(0, 1), two `reward__<aspect>`
-columns, integer `response_len`, short response strings. Each prompt's 4 rows sit in 4 different shards, as
-in unordered (ingested) data, so every contender must really group. All three do the same work: read the
-parquet, compute per prompt n, reward_mean, reward_std (ddof 0), pvar (tau 1), margin, best/worst sample
-index, score and response, len_corr and pd (aspects z-scored over the data set, length_debias none), and
-write parquet. The statistics of prefsift and DuckDB are compared on every prompt.
+The input is synthetic scored data in the per-prompt layout the pipeline writes (scored/): one row per
+prompt, its K = 4 responses as a list of structs {text (short), sample_idx, overall ~ N(0, 1), len, scores
+{two aspects}}, in parquet shards. `--rows` counts responses. All three do the same work: read the parquet,
+compute per prompt n, reward_mean, reward_std (ddof 0), pvar (tau 1), margin, best/worst sample index, score
+and response, len_corr and pd (aspects z-scored over the data set, length_debias none), and write parquet.
+prefsift maps over whole prompt rows (no shuffle); DuckDB and pandas unnest the lists and group. The
+statistics of prefsift and DuckDB are compared on every prompt.
 
 Ray's start-up (`ray.init`) is reported but not counted: DuckDB and pandas have none, and a pipeline pays
 it once per run, not per stage. Everything after it is counted, the shuffle's fixed cost included.
@@ -56,35 +57,36 @@ COMPARED = ("n", "reward_mean", "reward_std", "pvar", "margin", "best_idx", "wor
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _block(block: int, j: int, prompts_per_block: int, n_prompts: int, response_chars: int) -> pa.Table:
-    """Sample j of the prompts in `block`; deterministic per (block, j)."""
-    lo = block * prompts_per_block
-    hi = min(lo + prompts_per_block, n_prompts)
+def _shard(shard: int, lo: int, hi: int, response_chars: int) -> pa.Table:
+    """Prompts lo..hi-1, one row each with K responses; deterministic per shard."""
     idx = np.arange(lo, hi)
-    rng = np.random.default_rng([block, j])
-    pid = pa.array(np.char.add("p", np.char.zfill(idx.astype(str), 9)))
-    reward = rng.standard_normal(idx.size)
+    n = idx.size
+    rng = np.random.default_rng(shard)
+    pid = np.char.add("p", np.char.zfill(idx.astype(str), 9))
+    reward = rng.standard_normal(n * K)
     # Aspects correlate with the overall reward, as real aspect scores do.
-    aspects = {f"reward__{a}": 0.6 * reward + 0.8 * rng.standard_normal(idx.size) for a in ASPECTS}
-    length = np.clip(rng.lognormal(6.0, 0.8, idx.size), 1, 20_000).astype(np.int64)
+    aspects = {a: 0.6 * reward + 0.8 * rng.standard_normal(n * K) for a in ASPECTS}
+    length = np.clip(rng.lognormal(6.0, 0.8, n * K), 1, 20_000).astype(np.int64)
     filler = "x" * max(0, response_chars - 16)
-    response = pa.array(np.char.add(np.char.add(f"s{j}:", np.asarray(pid, dtype=str)), filler))
-    return pa.table({"prompt_id": pid, "sample_idx": np.full(idx.size, j, dtype=np.int64), "response": response,
-                     "reward": reward, "response_len": length, **aspects})
+    j = np.tile(np.arange(K), n)
+    text = np.char.add(np.char.add(np.char.add("s", j.astype(str)), np.char.add(":", np.repeat(pid, K))), filler)
+    item = pa.StructArray.from_arrays(
+        [pa.array(text), pa.array(j.astype(np.int64)), pa.array(reward), pa.array(length),
+         pa.StructArray.from_arrays([pa.array(aspects[a]) for a in ASPECTS], names=list(ASPECTS))],
+        names=["text", "sample_idx", "overall", "len", "scores"])
+    responses = pa.ListArray.from_arrays(pa.array(np.arange(0, n * K + 1, K, dtype=np.int32)), item)
+    return pa.table({"prompt_id": pa.array(pid), "responses": responses})
 
 
 def write_synthetic(out_dir: Path, rows: int, response_chars: int = 32) -> dict[str, int]:
-    """rows // K prompts x K responses in shards of ~ROWS_PER_SHARD rows; prompt block b's sample j goes to
-    shard (b + j) mod S, so no shard holds a whole prompt (when S >= K)."""
+    """rows // K prompts x K responses, one row per prompt, in shards of ~ROWS_PER_SHARD responses."""
     out_dir.mkdir(parents=True, exist_ok=True)
     n_prompts = rows // K
-    shards = max(K, -(-rows // ROWS_PER_SHARD))
-    per_block = -(-n_prompts // shards)
+    shards = max(2, -(-rows // ROWS_PER_SHARD))
+    per = -(-n_prompts // shards)
     for s in range(shards):
-        parts = [_block((s - j) % shards, j, per_block, n_prompts, response_chars) for j in range(K)]
-        table = pa.concat_tables([p for p in parts if p.num_rows])
-        # Row groups of 128k rows, what pyarrow/Ray writers produce by default at this width.
-        pq.write_table(table, out_dir / f"part-{s:05d}.parquet", row_group_size=128 * 1024)
+        table = _shard(s, s * per, min(n_prompts, (s + 1) * per), response_chars)
+        pq.write_table(table, out_dir / f"part-{s:05d}.parquet", row_group_size=32 * 1024)
     return {"rows": n_prompts * K, "prompts": n_prompts, "shards": shards}
 
 
@@ -94,59 +96,54 @@ def write_synthetic(out_dir: Path, rows: int, response_chars: int = 32) -> dict[
 
 
 def run_prefsift(data: str, out: str, rows: int) -> dict:
-    """The pipeline's stats stage: data-set norms for PD (one pass), one hash shuffle, vectorised stats."""
-    import importlib.util
-
+    """The pipeline's stats stage: one pass over the score leaves for PD's norms, then a map over prompts."""
+    import pyarrow.fs as pafs
     import ray
 
-    from operators.stats import StatsParams, aspect_names, compute_norms, grouped_stats
-    from pipelines.curate import input_bytes, partitions_for
+    from operators.stats import StatsParams, aspect_names, norms_from_sums, response_pass, stats_map
 
     init_s = init_local_ray()
-    parts = partitions_for(rows, nbytes=input_bytes(data))  # as the pipeline sizes it
+    files = sorted(str(f) for f in Path(data).glob("*.parquet"))
     with MemorySampler() as mem:
         c0, t0 = tree_cpu_seconds(), time.perf_counter()
         ds = ray.data.read_parquet(data, file_extensions=["parquet"])
-        aspects = aspect_names(ds.schema().names)
-        norms = compute_norms(ds, aspects, "none", 1.0)
+        schema = ds.schema()
+        aspects = aspect_names(schema)
+        sums = response_pass(pafs.LocalFileSystem(), files, schema, aspects, with_length=False)
+        norms = norms_from_sums(sums, aspects, "none", 1.0)
         t_norms = time.perf_counter() - t0
-        params = StatsParams(tau=TAU, norms=norms)
-        grouped_stats(ds, params, parts).write_parquet(out)
+        params = StatsParams(tau=TAU, norms=norms, carry=())
+        stats_map(ds, params).write_parquet(out)
         seconds = time.perf_counter() - t0
         cpu = tree_cpu_seconds() - c0
     return {"seconds": seconds, "cpu_s": cpu, "norms_s": t_norms, "ray_init_s": init_s,
-            "partitions": parts,
-            # Ray hashes shuffle keys with polars when it is importable, else with pandas (more CPU).
-            "polars": importlib.util.find_spec("polars") is not None, **mem.figures()}
+            "responses": sums.get("responses"), **mem.figures()}
 
 
 def run_ray_floor(data: str, rows: int) -> dict:
-    """What Ray Data itself costs here, with no statistics and no output: one read pass, then the read plus
-    the same hash shuffle prefsift runs (every block emptied after it). A lower bound for any Ray Data
-    implementation of the statistics stage that must group unordered rows."""
+    """What Ray Data itself costs here, with no statistics and no output: one read pass (every block emptied
+    after it). A lower bound for any Ray Data implementation of the statistics stage."""
     import ray
-
-    from pipelines.curate import input_bytes, partitions_for
 
     init_local_ray()
     drop = lambda t: t.slice(0, 0)  # noqa: E731
     t0 = time.perf_counter()
     ray.data.read_parquet(data, file_extensions=["parquet"]).map_batches(drop, batch_format="pyarrow").materialize()
     read_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ray.data.read_parquet(data, file_extensions=["parquet"]) \
-        .repartition(partitions_for(rows, nbytes=input_bytes(data)), keys=["prompt_id"], sort=False) \
-        .map_batches(drop, batch_format="pyarrow", batch_size=None).materialize()
-    # No CPU figure: Ray's worker processes that exit between the two passes take their CPU time with them.
-    return {"read_s": read_s, "seconds": time.perf_counter() - t0}
+    return {"read_s": read_s, "seconds": read_s}
 
 
 DUCKDB_SQL = """
 COPY (
-  WITH norms AS (
+  WITH resp AS (
+    SELECT prompt_id, r.sample_idx AS sample_idx, r.text AS response, r.overall AS reward, r.len AS response_len,
+           r.scores.helpfulness AS reward__helpfulness, r.scores.correctness AS reward__correctness
+    FROM (SELECT prompt_id, unnest(responses) AS r FROM read_parquet('{data}/*.parquet'))
+  ),
+  norms AS (
     SELECT avg(reward__helpfulness) AS mh, stddev_pop(reward__helpfulness) AS sh,
            avg(reward__correctness) AS mc, stddev_pop(reward__correctness) AS sc
-    FROM read_parquet('{data}/*.parquet')
+    FROM resp
   ),
   g AS (
     SELECT prompt_id,
@@ -160,7 +157,7 @@ COPY (
            corr(reward, response_len) AS len_corr,
            arg_max(reward__helpfulness, reward) AS hb, arg_min(reward__helpfulness, reward) AS hw,
            arg_max(reward__correctness, reward) AS cb, arg_min(reward__correctness, reward) AS cw
-    FROM read_parquet('{data}/*.parquet')
+    FROM resp
     GROUP BY prompt_id
   )
   SELECT prompt_id, n, reward_mean, reward_std,
@@ -195,7 +192,10 @@ def run_pandas(data: str, out: str, max_prompts: int | None) -> dict:
 
     c0, t0 = tree_cpu_seconds(), time.perf_counter()
     filters = [("prompt_id", "<", f"p{max_prompts:09d}")] if max_prompts else None
-    df = pd.read_parquet(data, filters=filters)
+    df = pd.read_parquet(data, filters=filters).explode("responses", ignore_index=True)
+    r = pd.json_normalize(df.pop("responses").tolist())
+    df = pd.concat([df, r.rename(columns={"overall": "reward", "len": "response_len", "text": "response",
+                                           **{f"scores.{a}": f"reward__{a}" for a in ASPECTS}})], axis=1)
     norms = {a: (df[f"reward__{a}"].mean(), df[f"reward__{a}"].std(ddof=0)) for a in ASPECTS}
 
     def per_prompt(g: pd.DataFrame) -> pd.Series:
@@ -338,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             return [name, r["seconds"], r["cpu_s"], info["rows"] / r["seconds"], r["peak_rss_mb"],
                     r.get("ray_workers_pss_peak_mb"), note]
 
-        rows_tab = [row("prefsift (Ray Data)", p, f"ray.init {p['ray_init_s']}s not counted; "
-                        f"{p['partitions']} partitions")]
+        rows_tab = [row("prefsift (Ray Data)", p, f"ray.init {p['ray_init_s']}s not counted; a map, no shuffle")]
         rows_tab.append(row("DuckDB GROUP BY", d, f"{d['threads']} threads"))
         if pandas:
             rows_tab.append(row("pandas groupby-apply", pandas,
@@ -347,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                                 else "measured"))
         table = markdown_table(["contender", "wall s", "CPU s", "rows/s (wall)", "driver peak RSS MB",
                                 "Ray workers PSS MB", "note"], rows_tab)
-        table += (f"\n\nRay Data alone, nothing computed or written: read {fl['read_s']:.1f}s, read + hash shuffle "
-                  f"{fl['seconds']:.1f}s")
+        table += f"\n\nRay Data alone, nothing computed or written: read {fl['read_s']:.1f}s"
         table += (f"\n\nprefsift vs DuckDB on {check['joined']:,} prompts: max |diff| {check['max_abs_diff']:.2e}, "
                   f"agree: {check['agree']}")
         ratios = {
@@ -358,10 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             "pandas_cpu_over_prefsift": ratio(pandas.get("cpu_s"), p["cpu_s"]),
             "driver_peak_rss_gb": round(p["peak_rss_mb"] / 1024, 3),
         }
-        # Ray Data's own floor (read + shuffle, nothing computed or written) against DuckDB's whole job.
+        # Ray Data's own floor (one read, nothing computed or written) against DuckDB's whole job.
         ratios["ray_read_over_duckdb"] = ratio(fl["read_s"], d["seconds"])
-        ratios["ray_read_shuffle_over_duckdb"] = ratio(fl["seconds"], d["seconds"])
-        ratios["prefsift_over_ray_read_shuffle"] = ratio(p["seconds"], fl["seconds"])
+        ratios["prefsift_over_ray_read"] = ratio(p["seconds"], fl["seconds"])
         emit("statistics", clean({
             "rows": info["rows"], "prompts": info["prompts"], "parquet_mb": round(size_mb, 1),
             "prefsift": p, "duckdb": d, "ray_floor": fl, "pandas": pandas, "check": check,

@@ -35,16 +35,19 @@ def collect(ds) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default") if tables else pa.table({"prompt_id": []})
 
 
-def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str) -> dict:
-    """select -> pairs, two stages of the run folder. selection/ holds keys and decisions only."""
+def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str, stats_run: RunDir | None = None) -> dict:
+    """select -> pairs, two stages of the run folder. selection/ holds keys and decisions only. `stats_run`:
+    the run whose stats/ to select from, when not `run` (prefsift ablate: one folder per rule and seed)."""
     import ray
+
+    src = stats_run or run
 
     sc = cfg.select
     seed = cfg.run.seed if sc.seed is None else sc.seed
     select_fp = fingerprint(stats_fp, sc, seed, "keys-v1")
 
     def build_selection():
-        keys = key_columns(run, sc)
+        keys = key_columns(src, sc)
         decision = select(keys, sc.rule, Budget(sc.fraction, sc.count),
                           RuleParams(seed=seed, margin_tau=sc.margin_tau, sft_quantile=sc.sft_quantile,
                                      column=sc.column, min=sc.min, max=sc.max),
@@ -52,14 +55,14 @@ def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str) -> dict:
         step = max(1, -(-decision.num_rows // max(1, os.cpu_count() or 1)))
         return ray.data.from_arrow([decision.slice(i, step) for i in range(0, max(decision.num_rows, 1), step)])
 
-    sel = run_stage(run, "selection", select_fp, build_selection, rows_in=lambda: run.stage_record("stats").rows_out,
+    sel = run_stage(run, "selection", select_fp, build_selection, rows_in=lambda: src.stage_record("stats").rows_out,
                     unit_in="prompt", unit_out="prompt")
     chosen: dict[str, pa.Table] = {}
 
     def build_pairs_ds():
         keys = collect(read_stage(run, "selection", columns=["prompt_id", *DECISION_COLUMNS]))
         chosen["keys"] = keys.filter(pc.fill_null(keys.column("selected"), False)) if keys.num_rows else keys
-        return read_stage(run, "stats").map_batches(join_selection, fn_kwargs={"selection": chosen["keys"]},
+        return read_stage(src, "stats").map_batches(join_selection, fn_kwargs={"selection": chosen["keys"]},
                                                     batch_format="pyarrow", batch_size=None) \
             .map_batches(build_pairs, batch_format="pyarrow", batch_size=None)
 

@@ -53,6 +53,7 @@ CONFIG_CLASSES = {
     "evaluate": "pipelines.evaluate:EvaluateConfig",
     "run": "pipelines.run:RunConfig",
     "audit": "pipelines.audit:AuditConfig",
+    "ablate": "pipelines.ablate:AblateConfig",
 }
 
 

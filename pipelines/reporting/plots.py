@@ -167,10 +167,12 @@ def response_batches(run: RunDir) -> tuple[int, Iterator[pa.Table]] | None:
     """About how many responses scored/ holds (from the footers), and each response's (`response_len`,
     `reward`) in batches, from either layout: a row per response with those columns, or a row per prompt
     whose `responses` list holds structs with `len` and `overall`; of those only the two numeric leaves are
-    read, never the texts. None without either."""
-    if not run.exists("scored"):
+    read, never the texts. None without either. A rated run has no scored/: its prompts/ holds the same
+    per-prompt rated schema."""
+    stage = "scored" if run.exists("scored") else "prompts"
+    if not run.exists(stage):
         return None
-    ds = pads.dataset(run.path("scored"), filesystem=run.fs, format="parquet")
+    ds = pads.dataset(run.path(stage), filesystem=run.fs, format="parquet")
     if {"response_len", "reward"} <= set(ds.schema.names):
         return ds.count_rows(), (pa.Table.from_batches([b]) for b in ds.to_batches(
             columns=["response_len", "reward"], batch_size=65_536))

@@ -92,7 +92,7 @@ def script_args(stage: str, a: argparse.Namespace, models_dir: str) -> list[str]
     if a.quick:
         args += QUICK_EXTRA.get(stage, [])
     if stage == "generate" and a.quick and not a.no_vllm and have_vllm():
-        args += ["--backends", "raw-vllm,vllm,hf"]  # bench_generate --quick alone runs HF only
+        args += ["--backends", "raw-vllm,async,hf"]  # bench_generate --quick alone runs HF only
     if stage not in ("stats", "curate"):
         args += ["--models-dir", models_dir]
     if shaped and a.model_shape:

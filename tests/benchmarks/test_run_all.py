@@ -24,7 +24,7 @@ BENCHES = {bench: stage for stage, (_, bench, _) in STAGES.items()}
 # Per bench: figures (paths under "figures") that must be positive numbers.
 POSITIVE = {
     "generation": ("hf.tokens", "hf.tok_s", "hf.seconds"),
-    "reward scoring": ("baseline.rows_s", "baseline.tok_s", "pipeline.rows_s", "pipeline.tok_s", "baseline.tokens"),
+    "reward scoring": ("baseline.rows_s", "baseline.tok_s", "hf.rows_s", "hf.tok_s", "baseline.tokens"),
     "statistics": ("prefsift.seconds", "duckdb.seconds", "pandas.seconds", "ray_floor.seconds", "ray_floor.read_s",
                    "rows", "prompts"),
     "training": ("single.steps_s", "single.pairs_s", "ray-1w.steps_s", "ray-1w.pairs_s", "ray-2w.pairs_s",
@@ -34,8 +34,8 @@ POSITIVE = {
     "curation": ("prefsift.seconds", "duckdb.seconds", "prefsift.stages.stats.seconds", "prompts", "parquet_mb"),
 }
 RATIOS = {
-    "generation": ("pipeline_hf_over_raw_vllm",),
-    "reward scoring": ("pipeline_over_baseline_responses_s",),
+    "generation": ("hf_over_raw_vllm",),
+    "reward scoring": ("hf_over_fastest_raw_responses_s",),
     "statistics": ("prefsift_time_over_duckdb", "pandas_time_over_prefsift", "ray_read_over_duckdb"),
     "curation": ("prefsift_time_over_duckdb", "prefsift_cpu_over_duckdb"),
     "training": ("ray_1w_over_single_steps_s", "ray_2w_over_1w_pairs_s"),
@@ -100,13 +100,13 @@ def test_vllm_comparison_when_installed(records):
     figures = records["generation"]["figures"]
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed: bench_generate runs its HF contender only")
-    for name in ("raw-vllm", "vllm"):
+    for name in ("raw-vllm", "async"):
         assert figures[name]["tok_s"] > 0 and figures[name]["samples"] == figures["check"]["samples_expected"]
-    assert records["generation"]["ratios"]["pipeline_vllm_over_raw_vllm"] > 0
+    assert records["generation"]["ratios"]["async_over_raw_vllm"] > 0
 
 
 def test_rewards_compared_on_every_row(records):
-    check = records["reward scoring"]["figures"]["check"]
+    check = records["reward scoring"]["figures"]["check"]["hf"]
     assert check["joined"] == check["rows_baseline"] == check["rows_pipeline"] == records["reward scoring"][
         "config"]["responses"]
     assert check["mismatched"] == 0

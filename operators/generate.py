@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from operators.adaptive import AdaptiveCfg
 from operators.base import QUARANTINE, Operator, Resources, with_quarantine
 from operators.vllm_engines import AsyncEngine, SyncEngine
 
@@ -34,6 +35,8 @@ RESPONSE_TYPE = pa.struct([
     ("generator", pa.string()),  # "<backend>:<model>"
 ])
 RESPONSES_TYPE = pa.list_(RESPONSE_TYPE)
+# Optional per-row columns of an adaptive round: the first sample_idx to draw and the count to reach.
+SAMPLE_START, N_TARGET = "_sample_start", "_n_target"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class GenerateCfg:
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     max_restarts: int | None = None  # null: Ray Data's default, unlimited actor restarts with batch retries
+    # Draw samples in rounds inside curation and stop a prompt once it cannot make the selection
+    # (operators/adaptive.py, pipelines/runtime/rounds.py); num_samples is then the cap per prompt.
+    adaptive: AdaptiveCfg | None = None
 
     def prompts_per_call(self) -> int:
         """`batch_size`, or the backend's default. The synchronous vLLM engine drains its running batch at
@@ -181,6 +187,7 @@ class Request:
     prompt_ids: list[int]
     seed: int
     max_tokens: int
+    sample_idx: int = 0
 
 
 def _wants_cuda(num_gpus: float) -> bool:
@@ -283,13 +290,18 @@ class Plan:
     on other batches."""
 
     reasons: list[str | None]  # per input row; None for a served row or one quarantined upstream
-    served: list[int]  # input rows that get K samples, in order
-    requests: list[Request]  # K per served row, row-major
+    served: list[int]  # input rows that get samples, in order
+    requests: list[Request]  # each served row's samples, row-major
+    sizes: list[int]  # requests per served row
 
 
 class Generator(Operator):
     """One row per prompt in and out: all input columns, plus `responses`, K sample structs. A prompt the
-    engine cannot serve (missing, too long for the context) is quarantined as a whole row."""
+    engine cannot serve (missing, too long for the context) is quarantined as a whole row.
+
+    A later round of adaptive sampling (pipelines/runtime/rounds.py) sets `_sample_start` and `_n_target`
+    per row: the row then gets samples sample_idx = _sample_start .. _n_target - 1 only. Each sample's seed
+    depends on its sample_idx alone, so sample j is the same whichever round draws it."""
 
     name = "generate"
     requires = ("prompt_id",)
@@ -338,7 +350,9 @@ class Generator(Operator):
         messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
         # A row set aside upstream (in the same stage) keeps its reason and costs no generation.
         upstream = batch.column(QUARANTINE).to_pylist() if QUARANTINE in batch.column_names else [None] * n
-        plan = Plan(reasons=[None] * n, served=[], requests=[])
+        starts = batch.column(SAMPLE_START).to_pylist() if SAMPLE_START in batch.column_names else [0] * n
+        targets = batch.column(N_TARGET).to_pylist() if N_TARGET in batch.column_names else [k] * n
+        plan = Plan(reasons=[None] * n, served=[], requests=[], sizes=[])
         for row, (pid, prompt, msgs, earlier) in enumerate(zip(ids, prompts, messages, upstream, strict=True)):
             if earlier is not None:
                 continue  # with_quarantine keeps the existing reason
@@ -349,22 +363,25 @@ class Generator(Operator):
                 continue
             cap = min(self.cfg.max_tokens, self.cfg.max_model_len - len(tokens))
             plan.served.append(row)
-            plan.requests += [Request(tokens, sample_seed(self.seed, pid, j), cap) for j in range(k)]
+            samples = range(starts[row], targets[row])
+            plan.sizes.append(len(samples))
+            plan.requests += [Request(tokens, sample_seed(self.seed, pid, j), cap, j) for j in samples]
         return plan
 
     def assemble(self, batch: pa.Table, plan: Plan, done: list[tuple[list[int], str]]) -> pa.Table:
-        """The batch with `responses` set: K structs per served row (decoded text), null elsewhere."""
-        k = self.cfg.num_samples
+        """The batch with `responses` set: the planned sample structs per served row (decoded text), null
+        elsewhere."""
         with self._tokenizer_busy:
             texts = self.tokenizer.batch_decode([tokens for tokens, _ in done], skip_special_tokens=True)
         responses: list[list[dict[str, Any]] | None] = [None] * batch.num_rows
-        for i, row in enumerate(plan.served):
+        first = 0
+        for row, size in zip(plan.served, plan.sizes, strict=True):
             responses[row] = [
-                {"text": texts[i * k + j], "sample_idx": j, "num_tokens": len(done[i * k + j][0]),
-                 "finish_reason": done[i * k + j][1], "seed": plan.requests[i * k + j].seed,
-                 "generator": self.generator_name}
-                for j in range(k)
+                {"text": texts[i], "sample_idx": plan.requests[i].sample_idx, "num_tokens": len(done[i][0]),
+                 "finish_reason": done[i][1], "seed": plan.requests[i].seed, "generator": self.generator_name}
+                for i in range(first, first + size)
             ]
+            first += size
         out = batch.drop_columns([c for c in ("responses",) if c in batch.column_names])
         out = out.append_column("responses", pa.array(responses, type=RESPONSES_TYPE))
         # Always present (all null when nothing was set aside), so every batch has the same schema.

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 
 from operators.base import InputError, apply
 from operators.ingest import ingest_rated
+from operators.norms import norms_from_sums, response_pass
 from operators.read import (
     binarized_to_rated,
     check_input_columns,
@@ -32,14 +33,7 @@ from operators.reward_functions import (
     load_functions,
     model_score_cfg,
 )
-from operators.stats import (
-    StatsParams,
-    aspect_names,
-    carry_columns,
-    norms_from_sums,
-    response_pass,
-    stats_map,
-)
+from operators.stats import StatsParams, aspect_names, carry_columns, stats_map
 from pipelines.runtime.config import ConfigError, CurateConfig, fingerprint, model_path, resolve_path, to_dict
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir

@@ -100,7 +100,8 @@ def run_prefsift(data: str, out: str, rows: int) -> dict:
     import pyarrow.fs as pafs
     import ray
 
-    from operators.stats import StatsParams, aspect_names, norms_from_sums, response_pass, stats_map
+    from operators.norms import norms_from_sums, response_pass
+    from operators.stats import StatsParams, aspect_names, stats_map
 
     init_s = init_local_ray()
     files = sorted(str(f) for f in Path(data).glob("*.parquet"))

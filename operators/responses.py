@@ -118,6 +118,16 @@ def response_reasons(problem: pa.Array | None, text_missing: np.ndarray, reward:
     return out
 
 
+def response_type(schema) -> pa.StructType | None:
+    """The struct type of a schema's `responses` list (pyarrow or Ray Data schema), else None."""
+    schema = getattr(schema, "base_schema", schema)
+    if "responses" not in schema.names:
+        return None
+    t = schema.field("responses").type
+    return t.value_type if pa.types.is_list(t) and pa.types.is_struct(t.value_type) else None
+
+
+
 def is_good(reasons: np.ndarray) -> np.ndarray:
     """The mask of responses without a reason, from `response_reasons`."""
     return np.equal(reasons, None).astype(bool)

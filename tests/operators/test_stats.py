@@ -11,22 +11,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from operators.base import QUARANTINE
-from operators.stats import (
-    QUARANTINE_SAMPLE,
+from operators.norms import (
     AspectNorm,
     PDNorms,
-    StatsParams,
-    best_worst,
     block_sums,
-    chunk_bounds,
-    implied_rewards,
     normalized_aspect,
     norms_from_sums,
+    sufficient_sums,
+)
+from operators.stats import (
+    QUARANTINE_SAMPLE,
+    StatsParams,
+    best_worst,
+    chunk_bounds,
+    implied_rewards,
     pearson,
     preference_divergence,
     prompt_stats,
     pvar,
-    sufficient_sums,
 )
 
 

@@ -123,7 +123,11 @@ def main(cfg: CurateConfig) -> dict:
                          f"see {run.uri_of('quarantine', 'prompts')}")
 
     # --- generate -> score (one row per prompt, K responses in a list); rated data is scored already -----
-    if schema == "prompts":
+    if schema == "prompts" and cfg.generate.adaptive is not None:  # in rounds: pipelines/runtime/rounds.py
+        from pipelines.runtime.rounds import run_rounds
+
+        scored_fp, rated_stage = run_rounds(run, cfg, read_fp, read.rows_out), "scored"
+    elif schema == "prompts":
         from operators.generate import Generator, generator_resources
         from operators.score import RewardScorer, scorer_resources
 

@@ -201,7 +201,24 @@ def dry_run_curate(cfg: CurateConfig) -> None:
     _print_input(inp)
     _print_plan(f"curate -> {cfg.output.dir}", rows)
     _print_tokens("curate", inp, cfg.generate, tokens)
+    if cfg.generate.adaptive is not None and inp.schema in ("prompts", "unknown"):
+        _print_adaptive(cfg, inp)
     print("# dry run: nothing was started or written")
+
+
+def _print_adaptive(cfg: CurateConfig, inp: InputInfo) -> None:
+    from pipelines.runtime.rounds import adaptive_cfg, planned_samples
+
+    a, k = adaptive_cfg(cfg), cfg.generate.num_samples
+    if inp.prompts is None:
+        print(f"# adaptive sampling ({a.rule}): samples not estimated, prompts not counted")
+        return
+    low, high, exact = planned_samples(inp.prompts, a, k)
+    full, tok = inp.prompts * k, cfg.generate.max_tokens
+    span = f"{low:,} ({low / full:.0%})" if exact else f"{low:,} to {high:,} ({low / full:.0%} to {high / full:.0%})"
+    how = "exact for rank" if exact else "k0 each, the selected fraction on to num_samples; at most a full run"
+    print(f"# adaptive sampling ({a.rule}, k0 {a.k0}, step {a.step}): samples {span} of {full:,} for a full "
+          f"run ({how}); tokens at most {low * tok:,}" + ("" if exact else f" to {high * tok:,}"))
 
 
 def dry_run_run(cfg: Any) -> None:

@@ -160,3 +160,15 @@ def test_generator_draws_only_the_requested_sample_range(tiny_models):
     want = {r["prompt_id"]: r["responses"] for r in full.to_pylist()}
     assert [s["sample_idx"] for s in got["p"]] == [2, 3] and [s["sample_idx"] for s in got["q"]] == [1]
     assert got["p"] == want["p"][2:4] and got["q"] == want["q"][1:2]
+
+
+def test_dry_run_estimate_of_samples():
+    from operators.adaptive import AdaptiveCfg
+    from pipelines.runtime.rounds import planned_samples
+
+    # rank keeps the top 0.7 (round half up) of those in play: 96 x 4, then 67 x 4 reach the cap 8
+    assert planned_samples(96, AdaptiveCfg(rule="rank", k0=4, step=4, keep=0.7), 8) == (652, 652, True)
+    # step 3 to the cap 10 (4 + 3 + 3): 20 x 4, then 14 x 3, then 10 x 3
+    assert planned_samples(20, AdaptiveCfg(rule="rank", k0=4, step=3, keep=0.7), 10) == (80 + 42 + 30, 152, True)
+    # ucb: at fewest k0 each and the selected 10 of 96 on to the cap; at most a full run
+    assert planned_samples(96, AdaptiveCfg(rule="ucb", k0=4, fraction=0.1), 8) == (96 * 4 + 10 * 4, 768, False)

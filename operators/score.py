@@ -169,7 +169,7 @@ class _Model:
 
 
 # What score.backend=auto picks on CPU, from the side-by-side measurement (README, Performance: scoring).
-AUTO_CPU_BACKEND = "hf"
+AUTO_CPU_BACKEND = "vllm"
 
 
 def resolve_backend(cfg: ScoreCfg, cuda: bool) -> str:

@@ -139,7 +139,7 @@ def test_flatten_and_nest_responses_keep_rows_and_nulls():
 
 
 def test_scalar_model_equals_unbatched_forward(tiny_models):
-    cfg = ScoreCfg(models=[RewardModelCfg(tiny_models["reward"])], micro_batch_size=2)
+    cfg = ScoreCfg(backend="hf", models=[RewardModelCfg(tiny_models["reward"])], micro_batch_size=2)
     out = RewardScorer(cfg)(_batch())
     assert out.column("prompt_id").to_pylist() == [f"p{i}" for i in range(len(PROMPTS))]  # order kept
     struct = out.schema.field("responses").type.value_type
@@ -154,7 +154,7 @@ def test_scalar_model_equals_unbatched_forward(tiny_models):
 
 
 def test_multi_head_model_names_aspects_from_id2label(tiny_models):
-    cfg = ScoreCfg(models=[RewardModelCfg(tiny_models["reward_multi"])], micro_batch_size=4)
+    cfg = ScoreCfg(backend="hf", models=[RewardModelCfg(tiny_models["reward_multi"])], micro_batch_size=4)
     out = RewardScorer(cfg)(_batch())
     expected = _direct(tiny_models["reward_multi"], _convs())
     np.testing.assert_allclose(_col(out, "scores", "helpfulness"), expected[:, 0], atol=1e-5, rtol=0)
@@ -165,7 +165,7 @@ def test_multi_head_model_names_aspects_from_id2label(tiny_models):
 def test_single_aspect_models_combine(tiny_models):
     models = [RewardModelCfg(tiny_models["reward_helpfulness"], aspects=["helpfulness"]),
               RewardModelCfg(tiny_models["reward_correctness"], aspects=["correctness"])]
-    out = RewardScorer(ScoreCfg(models=models, overall="correctness", micro_batch_size=3))(_batch())
+    out = RewardScorer(ScoreCfg(backend="hf", models=models, overall="correctness", micro_batch_size=3))(_batch())
     help_ = _direct(tiny_models["reward_helpfulness"], _convs())[:, 0]
     corr = _direct(tiny_models["reward_correctness"], _convs())[:, 0]
     np.testing.assert_allclose(_col(out, "scores", "helpfulness"), help_, atol=1e-5, rtol=0)
@@ -178,7 +178,7 @@ def test_messages_missing_response_and_truncation(tiny_models):
     msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}] for p in PROMPTS]
     texts = [[_text(i, j) for j in range(K)] for i in range(len(PROMPTS))]
     texts[1][0] = None
-    out = RewardScorer(ScoreCfg(models=[RewardModelCfg(path)], max_length=24, micro_batch_size=2))(
+    out = RewardScorer(ScoreCfg(backend="hf", models=[RewardModelCfg(path)], max_length=24, micro_batch_size=2))(
         _batch(texts, messages=msgs))
     rows = out.to_pylist()
     # A missing response is a problem of that response alone; its prompt row and sibling stay good.
@@ -202,7 +202,7 @@ def test_messages_missing_response_and_truncation(tiny_models):
 
 
 def test_missing_prompt_quarantines_the_row_and_upstream_reasons_pass(tiny_models):
-    scorer = RewardScorer(ScoreCfg(models=[RewardModelCfg(tiny_models["reward"])]))
+    scorer = RewardScorer(ScoreCfg(backend="hf", models=[RewardModelCfg(tiny_models["reward"])]))
     batch = _batch().set_column(1, "prompt", pa.array([None, *PROMPTS[1:]], pa.string()))
     batch = batch.append_column(QUARANTINE, pa.array([None, "prompt_too_long", *[None] * (len(PROMPTS) - 2)]))
     batch = batch.set_column(2, "responses", pa.array([*batch.column("responses").to_pylist()[:2], None,
@@ -223,7 +223,7 @@ def test_non_finite_reward_is_quarantined(tiny_models, tmp_path):
         model.score.weight[0, :4] = float("nan")
     model.save_pretrained(tmp_path / "nan_rm")
     AutoTokenizer.from_pretrained(tiny_models["reward"]).save_pretrained(tmp_path / "nan_rm")
-    out = RewardScorer(ScoreCfg(models=[RewardModelCfg(str(tmp_path / "nan_rm"))]))(_batch())
+    out = RewardScorer(ScoreCfg(backend="hf", models=[RewardModelCfg(str(tmp_path / "nan_rm"))]))(_batch())
     assert _flat(out, "problem") == ["non_finite_reward"] * len(PROMPTS) * K
     assert out.column(QUARANTINE).null_count == len(PROMPTS)  # per response, not per prompt
 
@@ -232,11 +232,11 @@ def test_bad_config_is_named(tiny_models):
     with pytest.raises(ValueError, match="score.models is empty"):
         RewardScorer(ScoreCfg())
     with pytest.raises(ValueError, match="score.overall"):
-        RewardScorer(ScoreCfg(models=[RewardModelCfg(tiny_models["reward_multi"])], overall="honesty"))
+        RewardScorer(ScoreCfg(backend="hf", models=[RewardModelCfg(tiny_models["reward_multi"])], overall="honesty"))
 
 
 def test_scorer_through_ray_data(ray_local, tiny_models):
-    cfg = ScoreCfg(models=[RewardModelCfg(tiny_models["reward_multi"])], num_cpus=0.5, batch_size=2,
+    cfg = ScoreCfg(backend="hf", models=[RewardModelCfg(tiny_models["reward_multi"])], num_cpus=0.5, batch_size=2,
                    micro_batch_size=3)
     items = _batch().to_pylist()
     ds = apply(ray_local.data.from_items(items), RewardScorer, scorer_resources(cfg), cfg=cfg)

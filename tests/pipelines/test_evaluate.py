@@ -45,7 +45,7 @@ def test_evaluate_same_model_ties_everywhere_and_balances(ray_local, tiny_models
         "input": {"path": str(path)}, "output": {"dir": str(tmp_path / "eval")},
         "policy": tiny_models["policy"], "reference": tiny_models["policy"],
         "generate": {"backend": "hf", "num_samples": 2, "max_tokens": 8, "max_model_len": 256, "num_cpus": 0.5},
-        "score": {"models": [{"path": tiny_models["reward"]}], "num_cpus": 0.5},
+        "score": {"models": [{"path": tiny_models["reward"]}], "backend": "hf", "num_cpus": 0.5},
         "bootstrap": 200, "ray": {"progress": False},
     })
     summary = evaluate.main(cfg)

@@ -103,7 +103,7 @@ def test_rerun_skips_completed_rounds(runs, capsys):
     before = manifest(ada)["adaptive"]
     capsys.readouterr()
     curate.main(cfg)
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # say() writes to stderr
     for r in range(3):
         assert f"stage round_{r}: complete for this config, skipped" in printed
         assert os.stat(ada / f"round_{r}" / "_SUCCESS").st_mtime_ns == marks[r]

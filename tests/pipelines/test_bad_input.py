@@ -396,7 +396,7 @@ def test_a_response_far_past_the_reward_models_context_is_scored(tiny_models):
     positions, score like any other response instead of failing the batch."""
     from operators.score import RewardModelCfg, RewardScorer, ScoreCfg
 
-    scorer = RewardScorer(ScoreCfg(models=[RewardModelCfg(path=tiny_models["reward"])], max_length=64))
+    scorer = RewardScorer(ScoreCfg(backend="hf", models=[RewardModelCfg(path=tiny_models["reward"])], max_length=64))
     batch = pa.table({"prompt_id": ["a"], "prompt": ["Tell me a story."],
                       "responses": [[{"text": "Once upon a time " * 17_647, "sample_idx": 0},
                                      {"text": "Short.", "sample_idx": 1}]]})

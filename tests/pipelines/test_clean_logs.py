@@ -32,7 +32,7 @@ def test_curate_generation_log_is_clean(tiny_models, tmp_path):
         [sys.executable, "-m", "pipelines.curate", "--config", RATED, f"input.path={PROMPTS}", "input.limit=12",
          "generate.backend=hf", f"generate.model={tiny_models['policy']}", "generate.num_samples=2",
          "generate.max_tokens=8", "generate.max_model_len=256", "generate.num_cpus=0.5",
-         f"score.models=[{{path: {tiny_models['reward']}}}]", "score.num_cpus=0.5", "select.fraction=0.5",
+         f"score.models=[{{path: {tiny_models['reward']}}}]", "score.num_cpus=0.5", "score.backend=hf", "select.fraction=0.5",
          f"output.dir={out}", "ray.progress=false"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env, timeout=900)
     log = res.stdout

@@ -331,8 +331,9 @@ def test_killed_train_worker_restores_from_last_checkpoint(ray_local, tiny_model
     every, total = 5, 60
     cfg = load_config(train_dpo.TrainConfig, REPO / "pipelines/configs/train_demo_cpu.yaml", [
         f"input.path={pairs}", f"output.dir={out}", f"model.policy={tiny_models['policy']}",
-        # SFT needs no reference log-probs: the test is about restarts, not the loss.
-        "loss.name=sft", f"optim.max_steps={total}", "optim.per_device_batch_size=2", "optim.grad_accum=1",
+        # SFT needs no reference log-probs: the test is about restarts, not the loss. Without the reference
+        # stage nothing quarantines a prompt that fills max_length, so prompts keep their last 256 tokens.
+        "loss.name=sft", "input.max_prompt_length=256", f"optim.max_steps={total}", "optim.per_device_batch_size=2", "optim.grad_accum=1",
         f"checkpoint.every_n_steps={every}", "checkpoint.keep=null", "failure.max_failures=2",
         "run.name=fault", "ray.progress=false",
     ])

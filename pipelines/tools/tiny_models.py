@@ -13,9 +13,7 @@ with fixed seeds, so generations and scores are deterministic for a given seed b
 
 from __future__ import annotations
 
-import gzip
 import itertools
-import json
 import random
 import sys
 from pathlib import Path
@@ -47,20 +45,16 @@ _TOPICS = ["a sorting algorithm", "the water cycle", "photosynthesis", "a haiku 
            "machine learning", "the capital of France"]
 
 
-def _corpus(data_dir: Path, max_data_lines: int = 300) -> list[str]:
-    """A few hundred template sentences, plus prompts from the shipped sample data when it is present."""
+def _corpus() -> list[str]:
+    """A few hundred template sentences, so the tokenizer depends on nothing outside this module. (It also
+    read the shipped sample data until the layout move left that lookup pointing at a folder that does not
+    exist; the tests since then all run on this corpus, 678 tokens.)"""
     rng = random.Random(0)
     lines = [f"{s} {v} {o} {e}".capitalize()
              for s, v, o, e in itertools.product(_SUBJECTS, _VERBS, _OBJECTS, _ENDINGS)]
     lines = rng.sample(lines, 600)
     lines += [f"{q} {t}?" for q in _QUESTIONS for t in _TOPICS]
     lines += [f"{i} + {j} = {i + j}" for i in range(0, 30, 3) for j in range(0, 30, 7)]
-    for path in sorted(data_dir.glob("*.jsonl.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line in itertools.islice(f, max_data_lines):
-                row = json.loads(line)
-                texts = [row.get("prompt")] + [r.get("text") for r in row.get("responses") or []]
-                lines += [t[:2000] for t in texts if isinstance(t, str)]
     return lines
 
 
@@ -124,8 +118,8 @@ def _save_policy(path: Path, tokenizer, seed: int) -> None:
         # A random model's next-token distribution is nearly uniform, so it would almost never emit eos and
         # every sample would end with finish_reason "length". Give every token embedding the same value in
         # dimension 0 (half the embedding's energy, so it survives RMSNorm as a near-constant feature) and
-        # the tied eos row a little more there: eos then gets a fixed logit bonus, about 3% per step at
-        # temperature 1, and sampled lengths spread from 1 token to max_tokens. (Greedy stops at once.)
+        # the tied eos row a little more there: eos then gets a fixed logit bonus, about 14% at a
+        # short prompt's first step at temperature 1, and sampled lengths spread from 1 token to max_tokens. (Greedy stops at once.)
         emb = model.get_input_embeddings().weight
         emb[:, 0] = config.initializer_range * config.hidden_size ** 0.5
         emb[tokenizer.eos_token_id, 0] += EOS_BONUS
@@ -172,7 +166,7 @@ def build_tiny_models(out_dir: str | Path, force: bool = False) -> dict[str, str
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
 
-    tokenizer = build_tokenizer(_corpus(Path(__file__).parent / "data"))
+    tokenizer = build_tokenizer(_corpus())
     _save_policy(Path(paths["policy"]), tokenizer, seed=1)
     _save_reward(Path(paths["reward"]), tokenizer, seed=2, aspects=None)
     _save_reward(Path(paths["reward_multi"]), tokenizer, seed=3, aspects=ASPECTS)

@@ -518,9 +518,9 @@ def no_ray(monkeypatch):
         raise AssertionError("Ray was started before the model paths were checked")
 
     from pipelines import evaluate
-    from pipelines.runtime import stages
+    from pipelines.runtime import ray_start
 
-    for module in (curate, evaluate, stages):  # train_dpo imports it from stages when main() runs
+    for module in (curate, evaluate, ray_start):  # train_dpo imports it from ray_start when main() runs
         monkeypatch.setattr(module, "init_ray", refuse)
 
 

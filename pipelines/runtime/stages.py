@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +15,6 @@ from operators.stats import QUARANTINE_SAMPLE
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import SUCCESS, RunDir, StageRecord
 
-log = logging.getLogger("prefsift")
 
 QUARANTINE_DIR = "quarantine"
 

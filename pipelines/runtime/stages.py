@@ -15,7 +15,6 @@ from operators.stats import QUARANTINE_SAMPLE
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import SUCCESS, RunDir, StageRecord
 
-
 QUARANTINE_DIR = "quarantine"
 
 

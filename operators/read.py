@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -153,12 +154,14 @@ def _last_assistant(value):
     return value
 
 
-def _prompt_text(batch: pa.Table) -> pa.Array:
+def _prompt_text(batch: pa.Table):
     """Per row, the text the generator will read: the messages when the row has them, else the prompt (a file
     may mix both kinds of row). For the emptiness check only."""
     n = batch.num_rows
+    if "messages" not in batch.column_names:
+        return batch.column("prompt") if "prompt" in batch.column_names else pa.nulls(n, pa.string())
     prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * n
-    msgs = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
+    msgs = batch.column("messages").to_pylist()
     return pa.array([" ".join((m or {}).get("content") or "" for m in ms) if ms else p
                      for p, ms in zip(prompts, msgs, strict=True)], pa.string())
 
@@ -170,38 +173,55 @@ def _as_string_column(batch: pa.Table, name: str) -> pa.Table:
     return batch.set_column(batch.column_names.index(name), name, pc.cast(col, pa.string()))
 
 
+def _blank(values) -> np.ndarray:
+    """Null, empty or only whitespace, per row."""
+    stripped = pc.utf8_trim_whitespace(pc.cast(values, pa.string()))
+    return np.asarray(pc.fill_null(pc.equal(pc.utf8_length(stripped), 0), True).to_numpy(zero_copy_only=False))
+
+
 def validate_prompts(batch: pa.Table, schema: str, source: str) -> pa.Table:
-    """Row checks that need no model: ids as strings, empty prompts, too few responses; `source` filled in."""
+    """Row checks that need no model: ids as strings, empty prompts, too few responses; `source` filled in.
+    Vectorised over the columns: the first reason that applies is the row's."""
     n = batch.num_rows
     batch = _as_string_column(batch, "prompt_id")
     if "source" not in batch.column_names:
         batch = batch.append_column("source", pa.array([source] * n, pa.string()))
     batch = _as_string_column(batch, "source")
-    reasons = np.array([None] * n, dtype=object)
-    ids = batch.column("prompt_id").to_pylist()
-    for i, v in enumerate(ids):
-        if v is None or not str(v).strip():
-            reasons[i] = "missing_prompt_id"
-    text = _prompt_text(batch)
-    stripped = pc.utf8_trim_whitespace(pc.cast(text, pa.string()))
-    empty = pc.fill_null(pc.equal(pc.utf8_length(stripped), 0), True).to_numpy(zero_copy_only=False)
-    reasons[(reasons == None) & empty] = "empty_prompt"  # noqa: E711 - elementwise on an object array
+    checks = [(_blank(batch.column("prompt_id")), "missing_prompt_id"), (_blank(_prompt_text(batch)), "empty_prompt")]
     if schema == "rated":
         lens = pc.fill_null(pc.list_value_length(batch.column("responses")), 0).to_numpy(zero_copy_only=False)
-        reasons[(reasons == None) & (lens < 2)] = "fewer_than_2_responses"  # noqa: E711
+        checks.append((np.asarray(lens) < 2, "fewer_than_2_responses"))
+    reasons = np.select([c for c, _ in checks], [r for _, r in checks], default=None).astype(object) if n else \
+        np.array([], dtype=object)
     return with_quarantine(batch, pa.array(list(reasons), pa.string()))
 
 
-ROW_ID = "_row_id"  # a block's random 64-bit base plus the row's position: tells copies of one id apart
+ROW_ID = "_row_id"  # a 64-bit id per row that tells copies of one prompt_id apart
 
 
 def with_row_ids(batch: pa.Table) -> pa.Table:
+    """Row ids for input that cannot be read twice alike: a random base per block plus the row's position."""
     base = int.from_bytes(os.urandom(8), "little") >> 2  # room for the block's rows without wrapping
     return batch.append_column(ROW_ID, pa.array(base + np.arange(batch.num_rows, dtype=np.uint64), pa.uint64()))
 
 
+def read_parquet_keyed(path: str, columns: list[str] | None = None, limit: int | None = None):
+    """A parquet read whose rows carry ROW_ID: Ray Data's `row_hash`, a hash of the file and the row's place in
+    it, so that a read of the ids alone and a read of whole rows name every row alike."""
+    import ray
+
+    ds = ray.data.read_parquet(path, columns=columns, include_row_hash=True)
+    if limit is not None:
+        ds = ds.limit(limit)
+    return ds.map_batches(_row_hash_as_id, batch_format="pyarrow")
+
+
+def _row_hash_as_id(batch: pa.Table) -> pa.Table:
+    return batch.rename_columns([ROW_ID if c == "row_hash" else c for c in batch.column_names])
+
+
 def live_ids(batch: pa.Table) -> pa.Table:
-    """The prompt_ids of rows not already quarantined: the only column the duplicate search shuffles."""
+    """The prompt_ids of rows not already quarantined: the only column the duplicate search collects."""
     ids = batch.column("prompt_id")
     if QUARANTINE in batch.column_names:
         ids = ids.filter(pc.is_null(batch.column(QUARANTINE)))
@@ -209,9 +229,15 @@ def live_ids(batch: pa.Table) -> pa.Table:
 
 
 def repeated_ids(batch: pa.Table) -> pa.Table:
-    """Within a block holding each prompt_id's keys whole: the ids seen more than once."""
+    """The ids seen more than once in a table of ids (nulls are no id)."""
+    batch = batch.filter(pc.is_valid(batch.column("prompt_id")))
     counts = batch.group_by("prompt_id").aggregate([("prompt_id", "count")])
     return counts.filter(pc.greater(counts.column("prompt_id_count"), 1)).select(["prompt_id"])
+
+
+def with_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    """The rows whose prompt_id is in `ids`, before any other work on them."""
+    return batch.filter(pc.fill_null(pc.is_in(pc.cast(batch.column("prompt_id"), pa.string()), value_set=ids), False))
 
 
 def digest_rows(batch: pa.Table, ids: pa.Array) -> pa.Table:
@@ -254,24 +280,35 @@ def apply_decisions(batch: pa.Table, decisions: pa.Table) -> pa.Table:
     return with_quarantine(batch.drop_columns([ROW_ID]), reasons)
 
 
-def dedupe_prompts(ds, num_partitions: int):
-    """Set aside duplicate prompt_ids (`duplicate_decisions`) without moving a text: the rows are materialized
-    once; a hash shuffle of the ids alone finds the repeated ones; only rows with a repeated id are digested;
-    the decisions (a few keys) go back to every block as a filter."""
+def dedupe_prompts(raw, prepare: Callable | None = None, ids=None):
+    """Set aside duplicate prompt_ids (`duplicate_decisions`) without moving a text and without a shuffle.
+
+    `prepare(ds)` is the row-local work on the raw rows (validation); the rows come out of it with reasons.
+    Given `ids`, a dataset of the input's prompt_ids whose rows carry ROW_ID as `raw`'s do (a second read of the
+    same parquet files, `read_parquet_keyed`), the input is read again instead of held: the ids reach the
+    driver, which finds the repeated ones; only the rows with a repeated id are prepared and digested; and the
+    rows stream on through a filter by the decisions (a few keys). Without `ids` (JSONL, saved datasets: no
+    stable row identity across reads), the prepared rows are materialized once and the same steps run on them.
+    """
     import ray
 
-    ds = ds.map_batches(with_row_ids, batch_format="pyarrow").materialize()
-    repeated = ds.map_batches(live_ids, batch_format="pyarrow", batch_size=None) \
-        .repartition(num_partitions, keys=["prompt_id"], sort=False) \
-        .map_batches(repeated_ids, batch_format="pyarrow", batch_size=None)
-    ids = _collect(ray.get(repeated.to_arrow_refs()), pa.schema([("prompt_id", pa.string())]))
-    if ids.num_rows == 0:
-        return ds.drop_columns([ROW_ID])
-    keys = ds.map_batches(digest_rows, fn_kwargs={"ids": ids.column("prompt_id").combine_chunks()},
-                          batch_format="pyarrow", batch_size=None)
+    prepare = prepare or (lambda ds: ds)
+    if ids is None:
+        rows = prepare(raw).map_batches(with_row_ids, batch_format="pyarrow").materialize()
+        ids, candidates = rows, rows
+    else:
+        rows, candidates = prepare(raw), None
+    found = repeated_ids(_collect(ray.get(ids.map_batches(live_ids, batch_format="pyarrow", batch_size=None)
+                                          .to_arrow_refs()), pa.schema([("prompt_id", pa.string())])))
+    if found.num_rows == 0:
+        return rows.drop_columns([ROW_ID])
+    repeated = found.column("prompt_id").combine_chunks()
+    if candidates is None:  # prepare only the rows whose id repeats: a few percent, however large the input
+        candidates = prepare(raw.map_batches(with_ids, fn_kwargs={"ids": repeated}, batch_format="pyarrow"))
+    keys = candidates.map_batches(digest_rows, fn_kwargs={"ids": repeated}, batch_format="pyarrow", batch_size=None)
     decisions = duplicate_decisions(_collect(ray.get(keys.to_arrow_refs()), None))
-    return ds.map_batches(apply_decisions, fn_kwargs={"decisions": decisions}, batch_format="pyarrow",
-                          batch_size=None)
+    return rows.map_batches(apply_decisions, fn_kwargs={"decisions": decisions}, batch_format="pyarrow",
+                            batch_size=None)
 
 
 def _collect(tables: list[pa.Table], schema: pa.Schema | None) -> pa.Table:

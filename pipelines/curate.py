@@ -22,9 +22,11 @@ from operators.read import (
     check_input_types,
     check_local_path,
     dedupe_prompts,
+    detect_format,
     detect_schema,
     input_errors,
     read_input,
+    read_parquet_keyed,
     validate_prompts,
 )
 from operators.reward_functions import (
@@ -36,37 +38,39 @@ from operators.reward_functions import (
 from operators.stats import StatsParams, aspect_names, carry_columns, stats_map
 from pipelines.runtime.config import ConfigError, CurateConfig, fingerprint, model_path, resolve_path, to_dict
 from pipelines.runtime.console import say
-from pipelines.runtime.manifest import RunDir
+from pipelines.runtime.manifest import RunDir, filesystem_of
 from pipelines.runtime.ray_start import init_ray
-from pipelines.runtime.stages import column_sums, read_stage, run_stage, stage_files
+from pipelines.runtime.stages import read_stage, run_stage, stage_files
 from pipelines.select import run_selection
-
-KEY_PARTITION_BYTES = 1 << 30  # input bytes per partition of the duplicate-id shuffle, which moves ids only
-
-
-def read_partitions(path: str) -> int:
-    """Partitions for the duplicate-id shuffle from the input size: it carries the ids alone (a few percent
-    of the bytes), so one per GB of input, at least 2, at most 200; no extra pass to size it."""
-    return max(2, min(200, input_bytes(path) // KEY_PARTITION_BYTES + 1))
-
-
-def input_bytes(path: str) -> int:
-    if "://" in path:
-        return 0
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def input_stamp(path: str) -> list:
-    """Size and mtime of local inputs, so that an edited input file reruns the stages."""
-    if "://" in path or not os.path.exists(path):
+    """Size and mtime of the input's files, so that an edited input file reruns the stages."""
+    if "://" in path:
+        return [path] + object_stamps(path)
+    if not os.path.exists(path):
         return [path]
     if os.path.isfile(path):
         st = os.stat(path)
         return [path, st.st_size, int(st.st_mtime)]
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
     return [path] + [[f, os.stat(f).st_size, int(os.stat(f).st_mtime)] for f in files]
+
+
+def object_stamps(uri: str) -> list:
+    """[key, size, mtime] of each object under an s3:// or gs:// input (its listing only, no object read)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem_of(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        found = [info]
+    elif info.type == pafs.FileType.Directory:
+        found = sorted((i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                        if i.type == pafs.FileType.File), key=lambda i: i.path)
+    else:
+        return []
+    return [[i.path, i.size, int(i.mtime.timestamp()) if i.mtime else None] for i in found]
 
 
 def resolve_models(cfg: CurateConfig) -> CurateConfig:
@@ -99,20 +103,30 @@ def main(cfg: CurateConfig) -> dict:
         raise ConfigError(f"generate.num_samples: curation compares responses, so it needs at least 2 per "
                           f"prompt, got {cfg.generate.num_samples}")
     source = os.path.basename(in_path.rstrip("/"))
+    fmt = detect_format(in_path) if cfg.input.format == "auto" else cfg.input.format
+    # Ray Data's row hash would overwrite an input column of its name; binarized rows get ids from their text.
+    keyed = fmt == "parquet" and schema != "binarized" and "row_hash" not in columns
 
-    def build_read():
-        ds = raw
-        row_schema = schema
+    row_schema = "rated" if schema == "binarized" else schema
+    check_input_columns(columns if schema != "binarized" else ["prompt_id", "prompt", "responses"],
+                        row_schema, in_path)
+
+    def prepare(ds):
         if schema == "binarized":
             ds = ds.map_batches(binarized_to_rated, batch_format="pyarrow")
-            row_schema = "rated"
-        check_input_columns(columns if schema != "binarized" else ["prompt_id", "prompt", "responses"],
-                            row_schema, in_path)
         ds = ds.map_batches(validate_prompts, fn_kwargs={"schema": row_schema, "source": source},
                             batch_format="pyarrow")
         if row_schema == "rated":  # the shared rated schema, validated in place: statistics read it directly
             ds = ds.map_batches(ingest_rated, batch_format="pyarrow")
-        return dedupe_prompts(ds, read_partitions(in_path))
+        return ds
+
+    def build_read():
+        # Parquet is read twice, the ids alone and then whole rows, both naming each row by file and place; the
+        # rows then stream from the files to prompts/ once. Other formats are held once for the duplicate search.
+        if keyed:
+            return dedupe_prompts(read_parquet_keyed(in_path, limit=cfg.input.limit), prepare,
+                                  ids=read_parquet_keyed(in_path, ["prompt_id"], cfg.input.limit))
+        return dedupe_prompts(raw, prepare)
 
     read_fp = fingerprint(cfg.input, input_stamp(in_path), "per-prompt-v1")
     with input_errors():
@@ -176,7 +190,7 @@ def main(cfg: CurateConfig) -> dict:
         return stats_map(ds, params)
 
     run_stage(run, "stats", stats_fp, build_stats, rows_in=lambda: int(responses_in["n"]),
-              out_as_input=lambda good, _rows: int(column_sums(good, ["n"])["n"]),
+              out_as_input="n",
               unit_in="response", unit_out="prompt")
 
     # --- selection and pairs ------------------------------------------------------------------------------

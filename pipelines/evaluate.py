@@ -17,7 +17,6 @@ import numpy as np
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL, apply
 from operators.read import dedupe_prompts, detect_schema, read_input, validate_prompts
-from pipelines.curate import read_partitions
 from pipelines.runtime.config import (
     GenerateCfg,
     InputCfg,
@@ -109,7 +108,7 @@ def main(cfg: EvaluateConfig) -> dict:
                                 batch_format="pyarrow")
             # Samples are paired by (prompt_id, sample_idx): two prompts under one id would overwrite each
             # other, so duplicate ids are set aside as in curation.
-            ds = dedupe_prompts(ds, read_partitions(in_path))
+            ds = dedupe_prompts(ds)
             # Same run seed for both models: sample i of a prompt uses the same seed under either policy.
             ds = apply(ds, _generator(), _gen_resources(gen), cfg=gen, seed=cfg.run.seed)
             return apply(ds, _scorer(), _score_resources(score_cfg), cfg=score_cfg)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+from ray.data.datasource import Datasink
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL
 from operators.stats import QUARANTINE_SAMPLE
@@ -35,31 +36,93 @@ def _bad(table: pa.Table) -> pa.Table:
     return bad.rename_columns([names.get(c, c) for c in bad.column_names])
 
 
-def _block_sums(table: pa.Table, columns: list[str]) -> pa.Table:
-    return pa.table({c: [float(pc.sum(pc.cast(table.column(c), pa.float64())).as_py() or 0.0)] for c in columns})
+class _Shards:
+    """One task's parquet shards in a folder: blocks go to one file while their schema matches (a block whose
+    null-typed column a later block types is cast), else a new file starts. Names carry the write's token and
+    the task's index, so a retried task overwrites its own files rather than adding beside them."""
+
+    def __init__(self, fs, folder: str, stem: str):
+        self.fs, self.folder, self.stem = fs, folder, stem
+        self.writer = None
+        self.sink = None
+        self.parts = 0
+
+    def add(self, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if self.writer is not None and table.schema != self.writer.schema:
+            try:
+                table = table.cast(self.writer.schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+                self.close()
+        if self.writer is None:
+            if self.parts == 0:
+                self.fs.create_dir(self.folder, recursive=True)
+            self.sink = self.fs.open_output_stream(f"{self.folder}/{self.stem}-{self.parts}.parquet")
+            self.writer = pq.ParquetWriter(self.sink, table.schema)
+            self.parts += 1
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.sink.close()
+        self.writer = self.sink = None
 
 
-def _quarantine_counts(table: pa.Table) -> pa.Table:
-    bad = table.num_rows - table.column(QUARANTINE).null_count
-    return pa.table({"good": [table.num_rows - bad], "bad": [bad]})
+class SplitSink(Datasink):
+    """A stage's one write: each block's good rows go to `<stage>/`, its quarantined rows (with `reason`) to
+    `quarantine/<stage>/`, in the pass that computes them. Nothing is materialized first, so a stage's rows
+    (and their texts) never sit in the object store or spill; the counts come back with the write: good rows,
+    quarantined rows by reason, and the totals of `sum_columns` over the good rows."""
 
+    def __init__(self, fs, good_dir: str, bad_dir: str, sum_columns: tuple[str, ...] = ()):
+        self.fs, self.good_dir, self.bad_dir = fs, good_dir, bad_dir
+        self.sum_columns = sum_columns
+        self.token = uuid.uuid4().hex[:12]  # drawn on the driver: the same for every try of a task
+        self.rows_out = 0
+        self.reasons: dict[str, int] = {}
+        self.sums: dict[str, float] = dict.fromkeys(sum_columns, 0.0)
+        self.schema: pa.Schema | None = None  # of the good rows, for an empty stage's one empty shard
 
-def _split_counts(ds) -> tuple[int, int]:
-    """(good, quarantined) rows of a materialized dataset from its quarantine column alone: one pass that
-    copies no other column (filtering whole rows to count them would copy every text)."""
-    if QUARANTINE not in ds.schema().names:
-        return ds.count(), 0
-    parts = ds.select_columns([QUARANTINE]).map_batches(_quarantine_counts, batch_format="pyarrow",
-                                                        batch_size=None).take_all()
-    return int(sum(p["good"] for p in parts)), int(sum(p["bad"] for p in parts))
+    def write(self, blocks, ctx) -> dict:
+        from ray.data.block import BlockAccessor
 
+        stem = f"{self.token}-{ctx.task_idx:06d}"
+        good_out, bad_out = _Shards(self.fs, self.good_dir, stem), _Shards(self.fs, self.bad_dir, stem)
+        out: dict = {"good": 0, "reasons": {}, "sums": dict.fromkeys(self.sum_columns, 0.0), "schema": None}
+        try:
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow()
+                good = _good(table)
+                if out["schema"] is None:
+                    out["schema"] = good.schema
+                if good.num_rows:
+                    good_out.add(good)
+                    out["good"] += good.num_rows
+                    for c in self.sum_columns:
+                        out["sums"][c] += float(pc.sum(pc.cast(good.column(c), pa.float64())).as_py() or 0.0)
+                if QUARANTINE in table.column_names and table.column(QUARANTINE).null_count < table.num_rows:
+                    bad = _bad(table)
+                    bad_out.add(bad)
+                    for v in pc.value_counts(bad.column("reason").combine_chunks()).to_pylist():
+                        out["reasons"][str(v["values"])] = out["reasons"].get(str(v["values"]), 0) + int(v["counts"])
+        finally:
+            good_out.close()
+            bad_out.close()
+        return out
 
-def column_sums(ds, columns: list[str]) -> dict[str, float]:
-    """Column totals from per-block partial sums. Ray's `Dataset.sum` runs a hash aggregation with its own
-    actor pool (seconds of start-up on a small machine); partial sums need no shuffle at all."""
-    parts = ds.map_batches(_block_sums, fn_kwargs={"columns": columns}, batch_format="pyarrow",
-                           batch_size=None).take_all()
-    return {c: float(sum(p[c] for p in parts)) for c in columns}
+    def on_write_complete(self, write_result) -> None:
+        for r in write_result.write_returns:
+            if not r:
+                continue
+            self.rows_out += r["good"]
+            for k, v in r["reasons"].items():
+                self.reasons[k] = self.reasons.get(k, 0) + v
+            for c, v in r["sums"].items():
+                self.sums[c] += v
+            if self.schema is None:
+                self.schema = r["schema"]
 
 
 def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
@@ -71,21 +134,6 @@ def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
 def stage_files(run: RunDir, stage: str) -> list[str]:
     """The parquet shards of a stage, as paths on `run.fs`."""
     return sorted(f.path for f in run.fs.get_file_info(pafs_selector(run.path(stage))) if f.path.endswith(".parquet"))
-
-
-def count_reasons(run: RunDir, stage: str) -> dict[str, int]:
-    if not run.exists(QUARANTINE_DIR, stage):
-        return {}
-    files = [
-        f.path
-        for f in run.fs.get_file_info(pafs_selector(run.path(QUARANTINE_DIR, stage)))
-        if f.path.endswith(".parquet")
-    ]
-    if not files:
-        return {}
-    reasons = pads.dataset(files, filesystem=run.fs, format="parquet").to_table(columns=["reason"])
-    counts = pc.value_counts(reasons.column("reason").combine_chunks())
-    return {str(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
 
 
 def pafs_selector(path: str):
@@ -101,15 +149,16 @@ def run_stage(
     build: Callable[[], Any],
     *,
     rows_in: int | Callable[[], int] | None,
-    out_as_input: Callable[[Any, int], int] | None = None,
+    out_as_input: str | None = None,
     unit_in: str = "row",
     unit_out: str = "row",
 ) -> StageRecord:
     """Build the stage's dataset, write good rows to `<stage>/` and the rest to `quarantine/<stage>/`.
 
-    `build` returns a lazy Ray Dataset whose rows may carry a reason in the quarantine column. It is
-    materialized once (in the object store, spilling to disk when large) so that the two writes do not run
-    the models twice.
+    `build` returns a lazy Ray Dataset whose rows may carry a reason in the quarantine column. It runs once,
+    streaming into one write (`SplitSink`) that splits each block as it comes, so the models run once and the
+    rows are never materialized. `out_as_input` names a column whose total over the good rows counts them in
+    the input's unit (the statistics' `n`: responses per prompt row).
     """
     if run.is_complete(stage, fp):
         rec = run.stage_record(stage)
@@ -124,19 +173,19 @@ def run_stage(
     run.remove(stage)
     run.remove(QUARANTINE_DIR, stage)
 
-    ds = build().materialize()
-    good = ds.map_batches(_good, batch_format="pyarrow", batch_size=None)
-    bad = ds.map_batches(_bad, batch_format="pyarrow", batch_size=None)
-
-    rows_out, n_bad = _split_counts(ds)
-    _write(good, run, stage, rows_out)
-    if n_bad:
-        _write(bad, run, f"{QUARANTINE_DIR}/{stage}", n_bad)
+    ds = build()
+    sink = SplitSink(run.fs, run.path(stage), run.path(QUARANTINE_DIR, stage),
+                     (out_as_input,) if out_as_input else ())
+    ds.write_datasink(sink)
+    rows_out, quarantined = sink.rows_out, dict(sorted(sink.reasons.items()))
+    if not rows_out:
+        _empty_shard(run, stage, sink.schema or _good(_schema_of(ds).empty_table()).schema)
+    if quarantined:
         run.write_text(fp, QUARANTINE_DIR, stage, SUCCESS)
-    quarantined = count_reasons(run, stage)
     # rows_in=None: a 1:1 stage whose every input row comes out, good or quarantined.
+    n_bad = sum(quarantined.values())
     n_in = rows_out + n_bad if rows_in is None else (rows_in() if callable(rows_in) else int(rows_in))
-    as_input = out_as_input(good, rows_out) if out_as_input else rows_out
+    as_input = int(round(sink.sums[out_as_input])) if out_as_input else rows_out
     rec = StageRecord(
         rows_in=int(n_in),
         rows_out=int(rows_out),
@@ -162,18 +211,17 @@ def run_stage(
     return rec
 
 
-def _write(ds, run: RunDir, rel: str, n_rows: int) -> None:
-    """Write parquet shards; an empty result still gets one empty shard carrying the schema."""
-    path = run.path(*rel.split("/"))
-    if n_rows:
-        ds.write_parquet(path, filesystem=run.fs)
-        return
-    import pyarrow.parquet as pq
-
+def _schema_of(ds) -> pa.Schema:
     schema = ds.schema()
     arrow_schema = schema.base_schema if schema is not None and hasattr(schema, "base_schema") else None
-    if not isinstance(arrow_schema, pa.Schema):
-        arrow_schema = pa.schema([])
+    return arrow_schema if isinstance(arrow_schema, pa.Schema) else pa.schema([])
+
+
+def _empty_shard(run: RunDir, stage: str, schema: pa.Schema) -> None:
+    """A stage with no good rows still gets one empty shard carrying the schema, for the stages after it."""
+    import pyarrow.parquet as pq
+
+    path = run.path(stage)
     run.fs.create_dir(path, recursive=True)
     with run.fs.open_output_stream(path + "/empty-0.parquet") as f:
-        pq.write_table(arrow_schema.empty_table(), f)
+        pq.write_table(schema.empty_table(), f)

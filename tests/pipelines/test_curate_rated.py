@@ -176,3 +176,33 @@ def test_a_runs_rated_output_is_input_to_another_run(uf_run, tmp_path):
     assert first.keys() == second.keys()
     assert all(first[k]["responses"] == second[k]["responses"] for k in first)
     check_manifest(again)
+
+
+def test_parquet_duplicate_ids_across_files(ray_local, tmp_path):
+    """Parquet is read twice, the ids alone and then whole rows (each row named by its file and place); the
+    duplicate rule must come out as on JSONL: an exact copy keeps one row, an id whose rows differ loses all,
+    and a copy already quarantined for another reason does not make its id a duplicate."""
+    import pyarrow as pa
+
+    def row(pid, prompt, *rewards):
+        return {"prompt_id": pid, "prompt": prompt,
+                "responses": [{"text": f"{pid}-{i}", "overall": r} for i, r in enumerate(rewards)]}
+
+    first = [row("same", "p", 1.0, 2.0), row("clash", "p", 1.0, 2.0), row("solo", "p", 3.0, 1.0),
+             row("blank", "p", 1.0, 4.0)]
+    second = [row("same", "p", 1.0, 2.0), row("clash", "p", 1.0, 5.0), row("blank", "  ", 1.0, 4.0)]
+    data = tmp_path / "in"
+    data.mkdir()
+    pq.write_table(pa.Table.from_pylist(first), data / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(second), data / "b.parquet")
+    out = tmp_path / "run"
+    curate.main(run_cfg(out, **{"input.path": str(data), "select.fraction": 1.0}))
+    kept = sorted(r["prompt_id"] for r in read(out, "prompts"))
+    assert kept == ["blank", "same", "solo"]
+    assert next(r for r in read(out, "prompts") if r["prompt_id"] == "blank")["prompt"] == "p"
+    reasons = sorted((r["prompt_id"], r["reason"]) for r in read(out / "quarantine", "prompts"))
+    assert reasons == [("blank", "empty_prompt"), ("clash", "conflicting_duplicate_prompt_id"),
+                       ("clash", "conflicting_duplicate_prompt_id"), ("same", "duplicate_prompt_id")]
+    m = check_manifest(out)
+    assert (m["stages"]["prompts"]["rows_in"], m["stages"]["prompts"]["rows_out"]) == (7, 3)
+    assert m["stages"]["stats"]["rows_in"] == 6  # the kept prompts' responses

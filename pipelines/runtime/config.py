@@ -67,7 +67,6 @@ class StatsCfg:
     length_debias: Literal["none", "penalty", "residual"] = "none"
     debias_rho: float = 1.0  # penalty strength for length_debias=penalty
     pd_target: str = "overall"  # aspect that chose the pair, or `overall` for the aggregate reward
-    num_partitions: int | None = None  # hash partitions for the per-prompt grouping; null picks by size
 
 
 @dataclass(frozen=True)

@@ -162,11 +162,10 @@ def curate_plan(cfg: CurateConfig) -> tuple[list[tuple[str, str, str]], InputInf
         rows += gen_rows
     else:
         rows.append(("scored", "ingest the ratings that came with the data (no generation)", "Ray tasks"))
-    parts = cfg.stats.num_partitions or "size-derived"
     sc = cfg.select
     budget = f"count {sc.count}" if sc.count is not None else f"fraction {sc.fraction or 'rule default'}"
     rows += [("stats", f"PVar / margin / PD per prompt, tau {cfg.stats.tau:g}, length_debias "
-                       f"{cfg.stats.length_debias}", f"one hash shuffle, {parts} partitions"),
+                       f"{cfg.stats.length_debias}", "a map over prompt rows, no shuffle"),
              ("selection", f"rule {cfg.select.rule}, {budget}", "driver, key columns only"),
              ("pairs", "TRL prompt / chosen / rejected", "Ray tasks")]
     return rows, inp, tokens

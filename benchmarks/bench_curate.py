@@ -17,14 +17,18 @@ select the top 10% by pvar, and write the statistics and the pairs as parquet. C
 on every prompt (max |difference|) and the selections are the same set.
 
 Reported: the whole job's wall time (prefsift's includes Ray's start-up), each prefsift stage's seconds from
-its manifest, the memory of all processes (sampled PSS of the process tree), the ratio, and every Ray Data
-shuffle the run made with the columns it carried (none may carry a text).
+its manifest, the memory of all processes (sampled PSS of the process tree), the ratio, Ray Data's own
+execution stats of every dataset the run executed (per stage and operator: span, summed task time, rows and
+bytes out; a shuffle would show as its own operator), every shuffle the run asked for with the columns it
+carried (none may carry a text), and Ray's floor here: its start plus as many Ray Data executions of a
+one-row file as the run made.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -133,14 +137,45 @@ def write_rated(out_dir: Path, prompts: int, seed: int = 0) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Ray Data's all-to-all operators, as their names appear in the stats; each moves every column it is given.
+SHUFFLE_OPS = {"Repartition", "RandomShuffle", "HashShuffle", "Sort", "Aggregate", "HashAggregate", "Join", "Zip",
+               "GroupBy", "Unique"}
+OPERATOR = re.compile(r"^Operator \d+ (?P<name>.+?): (?:(?P<tasks>\d+) tasks executed, )?(?:(?P<blocks>\d+) blocks "
+                      r"produced(?: in (?P<seconds>[\d.]+)s)?|executed in (?P<executed>[\d.]+)s)")
+TOTAL = re.compile(r"\* Output (?P<what>num rows|size bytes) per block: .* (?P<total>\d+) total")
+REMOTE = re.compile(r"\* Remote wall time: .* (?P<total>[\d.]+)(?P<unit>us|ms|s) total")
+
+
+def operator_stats(text: str) -> list[dict]:
+    """Ray Data's execution stats (`Dataset.stats()`), one dict per operator: its name, the seconds from its
+    first task's start to its last one's end, the remote wall time its tasks summed, and its output rows and
+    bytes. A shuffle shows up as its own operator (Repartition, HashShuffle, Aggregate, Sort, ...)."""
+    ops: list[dict] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if m := OPERATOR.match(line):
+            ops.append({"op": m["name"], "tasks": int(m["tasks"] or 0),
+                        "seconds": float(m["seconds"] or m["executed"] or 0.0)})
+        elif ops and (m := TOTAL.match(line)):
+            ops[-1]["rows" if m["what"] == "num rows" else "bytes"] = int(m["total"])
+        elif ops and (m := REMOTE.match(line)):
+            ops[-1]["task_s"] = round(float(m["total"]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m["unit"]], 3)
+    for op in ops:
+        op["shuffle"] = any(part.split("(")[0] in SHUFFLE_OPS for part in op["op"].split("->"))
+    return ops
+
+
 def run_prefsift(data: str, out: str, object_store_gb: float) -> dict:
     """`prefsift curate` on the rated config, in this process (Ray starts inside, and is timed)."""
     import ray.data
 
     from pipelines import curate
+    from pipelines import select as select_pipeline
     from pipelines.runtime.config import CurateConfig, load_config
 
     shuffles: list[dict] = []
+    executions: list[dict] = []
+    stage = {"name": "setup"}
     repartition = ray.data.Dataset.repartition
 
     def recorded(self, *args, **kwargs):
@@ -149,7 +184,36 @@ def run_prefsift(data: str, out: str, object_store_gb: float) -> dict:
             shuffles.append({"op": "repartition", "keys": kwargs["keys"], "columns": list(self.schema().names)})
         return repartition(self, *args, **kwargs)
 
+    def executed(name: str):
+        # Ray Data's own execution stats of every dataset the run executes, under the stage that ran it.
+        call = getattr(ray.data.Dataset, name)
+
+        def wrapped(self, *args, **kwargs):
+            if stage.get("inside"):  # write_datasink materializes: one record of the one execution
+                return call(self, *args, **kwargs)
+            stage["inside"] = True
+            try:
+                out = call(self, *args, **kwargs)
+            finally:
+                stage["inside"] = False
+            done = self._write_ds if name == "write_datasink" else out if name == "materialize" else self
+            executions.append({"stage": stage["name"], "call": name, "operators": operator_stats(done.stats())})
+            return out
+
+        setattr(ray.data.Dataset, name, wrapped)
+
+    def staged(run_stage):
+        def wrapped(run, name, *args, **kwargs):
+            stage["name"] = name
+            return run_stage(run, name, *args, **kwargs)
+
+        return wrapped
+
     ray.data.Dataset.repartition = recorded  # type: ignore[method-assign]
+    for name in ("write_datasink", "materialize", "to_arrow_refs"):
+        executed(name)
+    curate.run_stage = staged(curate.run_stage)  # type: ignore[assignment]
+    select_pipeline.run_stage = staged(select_pipeline.run_stage)  # type: ignore[assignment]
     cfg = load_config(CurateConfig, str(REPO / "pipelines/configs/real_rated.yaml"), [
         f"input.path={data}", f"output.dir={out}", "select.rule=pvar_top", f"select.fraction={FRACTION}",
         "ray.progress=false", "ray.num_cpus=2", f"ray.object_store_memory_gb={object_store_gb}"])
@@ -159,10 +223,31 @@ def run_prefsift(data: str, out: str, object_store_gb: float) -> dict:
         seconds = time.perf_counter() - t0
         cpu = tree_cpu_seconds() - c0
     manifest = json.loads((Path(out) / "manifest.json").read_text())
-    return {"seconds": seconds, "cpu_s": cpu, "shuffles": shuffles,
+    return {"seconds": seconds, "cpu_s": cpu, "shuffles": shuffles, "executions": executions,
             "stages": {k: {"seconds": v["seconds"], "rows_in": v["rows_in"], "rows_out": v["rows_out"],
                            "quarantined": v["quarantined"]} for k, v in manifest["stages"].items()},
             **mem.figures()}
+
+
+def run_floor(out: str, executions: int, object_store_gb: float) -> dict:
+    """What Ray costs this job before any data work: Ray's start as curate does it, then as many Ray Data
+    executions as the prefsift run made, each a read of a one-row parquet file, a map and a write."""
+    import ray.data
+
+    from pipelines.runtime.ray_start import init_ray
+
+    t0 = time.perf_counter()
+    init_ray(None, 2, object_store_gb, False)
+    init_s = time.perf_counter() - t0
+    tiny = Path(out) / "tiny.parquet"
+    pq.write_table(pa.table({"x": [1]}), tiny)
+    each = []
+    for i in range(executions):
+        t = time.perf_counter()
+        ray.data.read_parquet(str(tiny)).map_batches(lambda b: b, batch_format="pyarrow").write_parquet(f"{out}/w{i}")
+        each.append(time.perf_counter() - t)
+    return {"ray_init_s": init_s, "executions": executions, "per_execution_s": [round(x, 3) for x in each],
+            "seconds": init_s + sum(each)}
 
 
 DUCKDB_SQL = """
@@ -285,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="reuse (or keep) the synthetic data here")
     ap.add_argument("--object-store-gb", type=float, default=2.0)
     ap.add_argument("--select-keys", type=int, default=0, help="also measure the selection's driver cost here")
-    ap.add_argument("--contender", choices=["prefsift", "duckdb", "select-keys"], help=argparse.SUPPRESS)
+    ap.add_argument("--contender", choices=["prefsift", "duckdb", "select-keys", "floor"], help=argparse.SUPPRESS)
+    ap.add_argument("--executions", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -296,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.contender == "duckdb":
         result(run_duckdb(args.data, args.out))
+        return 0
+    if args.contender == "floor":
+        result(run_floor(args.out, args.executions, args.object_store_gb))
         return 0
     if args.contender == "select-keys":
         result(run_select_keys(args.select_keys))
@@ -324,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             res[name] = run_contender(me, ["--data", str(data), "--contender", name, "--out", str(work / name),
                                            "--object-store-gb", str(args.object_store_gb)])
         check = compare(str(work / "prefsift"), str(work / "duckdb"))
+        (work / "floor").mkdir()
+        floor = run_contender(me, ["--contender", "floor", "--out", str(work / "floor"), "--object-store-gb",
+                                   str(args.object_store_gb), "--executions", str(len(res["prefsift"]["executions"]))])
         keys = run_contender(me, ["--contender", "select-keys", "--select-keys", str(args.select_keys)]) \
             if args.select_keys else {}
 
@@ -334,25 +426,38 @@ def main(argv: list[str] | None = None) -> int:
             return round((r["peak_rss_mb"] + r["all_children_pss_peak_mb"]) / 1024, 2)
 
         rows = [["prefsift curate (Ray Data)", p["seconds"], p["cpu_s"], mem_gb(p), "Ray start-up included"],
-                ["DuckDB script", d["seconds"], d["cpu_s"], mem_gb(d), f"{d['threads']} threads"]]
+                ["DuckDB script", d["seconds"], d["cpu_s"], mem_gb(d), f"{d['threads']} threads"],
+                ["Ray floor: start + the run's executions on one row", floor["seconds"], "", "",
+                 f"start {floor['ray_init_s']:.1f}s + {floor['executions']} x "
+                 f"{np.mean(floor['per_execution_s'] or [0]):.2f}s"]]
         table = markdown_table(["contender", "wall s", "CPU s", "peak memory GB (all processes)", "note"], rows)
         table += "\n\n" + markdown_table(
             ["stage", "seconds", "in", "out", "quarantined"],
             [[k, v["seconds"], v["rows_in"], v["rows_out"], sum(v["quarantined"].values())]
              for k, v in p["stages"].items()])
-        table += "\n\nRay Data shuffles: " + ("; ".join(f"{s['op']} by {s['keys']} carrying {s['columns']}"
-                                                        for s in p["shuffles"]) or "none")
+        table += "\n\nRay Data execution stats, per stage (operator, its span, its tasks' summed wall time, output):\n\n"
+        table += markdown_table(
+            ["stage", "call", "operator", "span s", "task s", "rows out", "MB out"],
+            [[e["stage"], e["call"], op["op"][:70], op["seconds"], op.get("task_s", ""), op.get("rows", ""),
+              round(op.get("bytes", 0) / 2**20, 1)] for e in p["executions"] for op in e["operators"]])
+        stat_shuffles = [(e["stage"], op) for e in p["executions"] for op in e["operators"] if op["shuffle"]]
+        table += "\n\nShuffle operators in Ray Data's execution stats: " + ("; ".join(
+            f"{st}: {op['op']} ({op.get('bytes', 0) / 2**20:.1f} MB)" for st, op in stat_shuffles) or "none")
+        table += "\n\nRay Data shuffles asked for: " + ("; ".join(f"{s['op']} by {s['keys']} carrying {s['columns']}"
+                                                                 for s in p["shuffles"]) or "none")
         table += (f"\n\nstatistics vs DuckDB on {check['joined']:,} prompts: max |diff| {check['max_abs_diff']:.2e}, "
                   f"agree: {check['agree']}; selections the same ({check['selected']:,}): {check['selection_same']}")
         if keys:
             table += (f"\n\nselection at {keys['prompts']:,} prompts on the driver: keys {keys['keys_mb']} MB, "
                       f"select {keys['select_s']:.1f}s, RSS +{keys['rss_over_start_mb']} MB")
         check["no_text_shuffle"] = not text_shuffles
+        check["shuffle_operators_in_stats"] = [op["op"] for e in p["executions"] for op in e["operators"] if op["shuffle"]]
         ratios = {"prefsift_time_over_duckdb": ratio(p["seconds"], d["seconds"]),
+                  "ray_floor_over_duckdb": ratio(floor["seconds"], d["seconds"]),
                   "prefsift_cpu_over_duckdb": ratio(p["cpu_s"], d["cpu_s"]),
                   "prefsift_peak_memory_gb": mem_gb(p), "duckdb_peak_memory_gb": mem_gb(d)}
         emit("curation", clean({"prompts": prompts, "parquet_mb": round(size_mb, 1), "data": info,
-                                "prefsift": p, "duckdb": d, "check": check, "select_keys": keys}),
+                                "prefsift": p, "duckdb": d, "floor": floor, "check": check, "select_keys": keys}),
              ratios, table=table,
              targets={"prefsift_time_over_duckdb": "<= 2", "prefsift_peak_memory_gb": "report"},
              config={"prompts": prompts, "k": K, "aspects": list(ASPECTS), "fraction": FRACTION, "quick": args.quick,

@@ -152,9 +152,42 @@ class Ledger:
         self.run.write_text(json.dumps(self.data, indent=2, sort_keys=True, default=str), "cells.json")
 
 
+def train_cell(cfg: AblateConfig, cell: Cell, src: RunDir, stats_fp: str, abl: RunDir,
+               ledger: Ledger) -> tuple[dict[str, Any], str]:
+    """One cell's selection, pairs and training (skipped when cells.json holds it under the same
+    fingerprint): (train_dpo's summary, the training fingerprint). Also the study with a known ground truth
+    (benchmarks/study_ground_truth.py), which judges the policies with its own gold reward."""
+    from pipelines.select import run_selection
+
+    # --- selection -> pairs for this rule and seed, from the run's statistics ------------------------------
+    sel_run = RunDir(abl.uri_of(cell.selection))
+    sel = run_selection(sel_run, select_cfg(cfg, cell), stats_fp, stats_run=src)
+    pairs_fp = sel_run.read_text("pairs", SUCCESS).strip()
+
+    # --- train: one train_dpo run folder per cell -----------------------------------------------------------
+    tc = cfg.train
+    tcfg = replace(tc, run=replace(tc.run, name=cell.name, seed=cell.seed),
+                   input=replace(tc.input, path=sel_run.uri), output=replace(tc.output, dir=abl.uri_of(cell.name)),
+                   loss=replace(tc.loss, name=cell.loss, weights=None), ray=cfg.ray)
+    train_fp = fingerprint(tcfg, pairs_fp)
+    trained = ledger.done(f"{cell.name}/train", train_fp)
+    if trained is None:
+        # train_dpo resumes from the last checkpoint under its run name: right for a killed attempt of the
+        # same cell, wrong for one trained under another config, whose folder is cleared first.
+        if abl.exists(cell.name, ATTEMPT) and abl.read_text(cell.name, ATTEMPT).strip() != train_fp:
+            abl.remove(cell.name)
+        abl.fs.create_dir(abl.path(cell.name), recursive=True)
+        abl.write_text(train_fp, cell.name, ATTEMPT)
+        say(f"ablate {cell.name}: training on {sel['pairs'].rows_out} pairs")
+        trained = train_dpo.main(tcfg)
+        ledger.commit(f"{cell.name}/train", train_fp, trained)
+    else:
+        say(f"ablate {cell.name}: trained already, skipped")
+    return trained, train_fp
+
+
 def main(cfg: AblateConfig) -> dict[str, Any]:
     from pipelines.runtime.ray_start import init_ray
-    from pipelines.select import run_selection
 
     # --- setup: check everything, start (or join, RAY_ADDRESS) Ray -----------------------------------------
     validate(cfg)
@@ -172,30 +205,7 @@ def main(cfg: AblateConfig) -> dict[str, Any]:
 
     rows = []
     for cell in cells(cfg):
-        # --- selection -> pairs for this rule and seed, from the run's statistics -------------------------
-        sel_run = RunDir(abl.uri_of(cell.selection))
-        sel = run_selection(sel_run, select_cfg(cfg, cell), stats_fp, stats_run=src)
-        pairs_fp = sel_run.read_text("pairs", SUCCESS).strip()
-
-        # --- train: one train_dpo run folder per cell ------------------------------------------------------
-        tc = cfg.train
-        tcfg = replace(tc, run=replace(tc.run, name=cell.name, seed=cell.seed),
-                       input=replace(tc.input, path=sel_run.uri), output=replace(tc.output, dir=abl.uri_of(cell.name)),
-                       loss=replace(tc.loss, name=cell.loss, weights=None), ray=cfg.ray)
-        train_fp = fingerprint(tcfg, pairs_fp)
-        trained = ledger.done(f"{cell.name}/train", train_fp)
-        if trained is None:
-            # train_dpo resumes from the last checkpoint under its run name: right for a killed attempt of the
-            # same cell, wrong for one trained under another config, whose folder is cleared first.
-            if abl.exists(cell.name, ATTEMPT) and abl.read_text(cell.name, ATTEMPT).strip() != train_fp:
-                abl.remove(cell.name)
-            abl.fs.create_dir(abl.path(cell.name), recursive=True)
-            abl.write_text(train_fp, cell.name, ATTEMPT)
-            say(f"ablate {cell.name}: training on {sel['pairs'].rows_out} pairs")
-            trained = train_dpo.main(tcfg)
-            ledger.commit(f"{cell.name}/train", train_fp, trained)
-        else:
-            say(f"ablate {cell.name}: trained already, skipped")
+        trained, train_fp = train_cell(cfg, cell, src, stats_fp, abl, ledger)
 
         # --- evaluate against the same reference, prompts and judge ------------------------------------------
         ecfg = replace(eval_base, policy=trained["checkpoint"])

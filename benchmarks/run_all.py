@@ -47,8 +47,10 @@ STAGES: dict[str, tuple[str, str, bool]] = {
     "e2e": ("bench_e2e.py", "end to end", False),
     "curate": ("bench_curate.py", "curation", False),
 }
-# Smoke sizes beyond each script's own --quick: 20k rows keep pandas' groupby-apply to a few seconds.
-QUICK_EXTRA = {"stats": ["--rows", "20000"]}
+# Smoke sizes beyond each script's own --quick. The smoke run checks that every benchmark runs and that its
+# correctness checks hold; its times mean nothing, so each size is the smallest that still has several blocks
+# and batch boundaries: 8k rows keep pandas' groupby-apply to a second, 2k rated prompts are 8 files of 250.
+QUICK_EXTRA = {"stats": ["--rows", "8000"], "curate": ["--prompts", "2000"], "e2e": ["--prompts", "24"]}
 # bench name -> the checks (paths under "figures") that must be true; None means "not run here".
 CHECKS: dict[str, tuple[str, ...]] = {
     "generation": ("check.all_samples",),

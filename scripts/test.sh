@@ -13,4 +13,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 .venv/bin/ruff check operators pipelines tests benchmarks
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two workers, a file each at a time: Ray, vLLM and Ray Train tests spend much of their time starting
+# processes and waiting on them, so two files overlap well even on 2 cores. PREFSIFT_TEST_WORKERS=0 runs in
+# one process (`-n 0` as an argument does the same).
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${PREFSIFT_TEST_WORKERS:-2}" --dist loadfile "$@"

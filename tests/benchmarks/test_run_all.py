@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("bench") / "quick.jsonl"
+    # vLLM on CPU sizes its KV cache from the machine's memory unless told; the suite runs beside other tests,
+    # so every engine of the smoke run gets 1 GiB (vLLM's own variable; the same for every contender).
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--out", str(out)],
                           cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500,
-                          check=False)
+                          check=False, env=env)
     assert proc.returncode == 0, f"run_all --quick exited {proc.returncode}:\n{proc.stdout[-6000:]}"
     lines = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     return {r["bench"]: r for r in lines}

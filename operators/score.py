@@ -68,6 +68,7 @@ class ScoreCfg:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     gpu_memory_utilization: float = 0.3  # vllm backend: its KV cache share (0.3 on CPU, DESIGN.md)
+    kv_cache_gib: float | None = None  # vllm backend: an explicit KV cache size instead of that share
     trust_remote_code: bool = False
     max_restarts: int | None = None
 
@@ -202,7 +203,7 @@ def _load(path: str, cfg_aspects: list[str] | None, cfg: ScoreCfg) -> _Model:
         from operators.vllm_engines import PoolingEngine
 
         model: Any = PoolingEngine(path, dtype, cfg.max_length, cfg.gpu_memory_utilization, cuda,
-                                   cfg.trust_remote_code)
+                                   cfg.trust_remote_code, cfg.kv_cache_gib)
     else:
         from transformers import AutoModelForSequenceClassification
 

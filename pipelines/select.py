@@ -17,22 +17,13 @@ from operators.select import SELECT_COLUMNS, Budget, RuleParams, select
 from pipelines.runtime.config import CurateConfig, SelectCfg, fingerprint, to_dict
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
-from pipelines.runtime.stages import read_stage, run_stage
+from pipelines.runtime.stages import read_columns, read_stage, run_stage
 
 
 def key_columns(run: RunDir, cfg: SelectCfg) -> pa.Table:
     """Only the columns a rule decides on reach the driver (a few numbers per prompt, never the texts)."""
-    stats = read_stage(run, "stats")
-    have = set(stats.schema().names)
-    cols = [c for c in (*SELECT_COLUMNS, cfg.column, cfg.stratify_by) if c and c in have]
-    return collect(stats.select_columns(sorted(set(cols))))
-
-
-def collect(ds) -> pa.Table:
-    import ray
-
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({"prompt_id": []})
+    cols = [c for c in (*SELECT_COLUMNS, cfg.column, cfg.stratify_by) if c]
+    return read_columns(run, "stats", sorted(set(cols)))
 
 
 def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str, stats_run: RunDir | None = None) -> dict:
@@ -60,7 +51,7 @@ def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str, stats_run: RunD
     chosen: dict[str, pa.Table] = {}
 
     def build_pairs_ds():
-        keys = collect(read_stage(run, "selection", columns=["prompt_id", *DECISION_COLUMNS]))
+        keys = read_columns(run, "selection", ["prompt_id", *DECISION_COLUMNS])
         chosen["keys"] = keys.filter(pc.fill_null(keys.column("selected"), False)) if keys.num_rows else keys
         return read_stage(src, "stats").map_batches(join_selection, fn_kwargs={"selection": chosen["keys"]},
                                                     batch_format="pyarrow", batch_size=None) \

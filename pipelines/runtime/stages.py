@@ -131,6 +131,19 @@ def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
     return ray.data.read_parquet(run.path(stage), filesystem=run.fs, columns=columns, file_extensions=["parquet"])
 
 
+def read_columns(run: RunDir, stage: str, columns: list[str]) -> pa.Table:
+    """Some columns of a stage, read on the driver (keys only: the texts stay in the files). Shards written by
+    different tasks may type an all-null column as null; their schemas are unified first."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    files = stage_files(run, stage)
+    schemas = [pq.read_schema(f, filesystem=run.fs) for f in files]
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    have = [c for c in columns if c in schema.names]
+    return pads.dataset(files, schema=schema, filesystem=run.fs, format="parquet").to_table(columns=have)
+
+
 def stage_files(run: RunDir, stage: str) -> list[str]:
     """The parquet shards of a stage, as paths on `run.fs`."""
     return sorted(f.path for f in run.fs.get_file_info(pafs_selector(run.path(stage))) if f.path.endswith(".parquet"))

@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def curate(a: argparse.Namespace, out: Path, policy: str, pool: Path) -> dict:
         StatsCfg,
     )
 
-    gen = GenerateCfg(backend=a.gen_backend, model=policy, num_samples=a.k, temperature=1.0, top_p=1.0,
+    gen = GenerateCfg(backend=a.gen_backend, model=policy, num_samples=a.k, temperature=a.temperature, top_p=1.0,
                       max_tokens=a.max_tokens, dtype="float32", max_model_len=256, gpu_memory_utilization=0.3,
                       num_cpus=1.0)
     cfg = CurateConfig(run=RunCfg(name="study", seed=0), input=InputCfg(path=str(pool)),
@@ -105,31 +106,45 @@ def ablate_cfg(a: argparse.Namespace, out: Path, policy: str):
                         ray=RayCfg(num_cpus=2, object_store_memory_gb=1.0, progress=False))
 
 
-def train_all(cfg) -> dict[str, dict]:
-    """Every cell through prefsift ablate's own selection and training (resumable via ablate/cells.json)."""
-    from pipelines import ablate
+def train_cells(cfg, stop_at: float):
+    """Every cell through prefsift ablate's own selection and training (resumable via ablate/cells.json; not
+    ablate.validate, which asks for ablate's model judge: the gold function judges here),
+    seed by seed so that each seed's round is a complete comparison; yields (cell name, record). No round
+    after the first starts past `stop_at` (time.perf_counter)."""
+    from pipelines import ablate, train_dpo
     from pipelines.runtime.config import resolve_path
     from pipelines.runtime.manifest import SUCCESS, RunDir
     from pipelines.runtime.ray_start import init_ray
+    from pipelines.select import run_selection
 
-    ablate.validate(cfg)
+    train_dpo.validate(replace(cfg.train, input=replace(cfg.train.input, path=cfg.run_dir)))
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_gb, cfg.ray.progress)
     src = RunDir(resolve_path(cfg.run_dir))
     stats_fp = src.read_text("stats", SUCCESS).strip()
     abl = RunDir(src.uri_of("ablate"))
     abl.start("ablate", {"study": True})
     ledger = ablate.Ledger(abl)
-    out = {}
-    for cell in ablate.cells(cfg):
+    started: set[int] = set()
+    for cell in sorted(ablate.cells(cfg), key=lambda c: c.seed):
         t0 = time.perf_counter()
-        trained, _ = ablate.train_cell(cfg, cell, src, stats_fp, abl, ledger)
-        out[cell.name] = {"rule": cell.label, "loss": cell.loss, "seed": cell.seed, "pairs": trained["pairs"],
-                          "steps": trained["steps"], "checkpoint": trained["checkpoint"],
-                          "train_s": round(time.perf_counter() - t0, 1)}
-    return out
+        if cell.seed not in started and started and t0 > stop_at:
+            print(f"study: no round for seed {cell.seed}, past --stop-after-min", flush=True)
+            return
+        started.add(cell.seed)
+        # The selection stage first (train_cell then finds it done): a budget of prompts whose samples all
+        # scored the same leaves no pair (all_rewards_equal), nothing to train; the arm is the start policy.
+        sel = run_selection(RunDir(abl.uri_of(cell.selection)), ablate.select_cfg(cfg, cell), stats_fp,
+                            stats_run=src)
+        rec = {"rule": cell.label, "loss": cell.loss, "seed": cell.seed, "pairs": 0, "steps": 0,
+               "checkpoint": cfg.train.model.policy}
+        if sel["pairs"].rows_out > 0:
+            trained, _ = ablate.train_cell(cfg, cell, src, stats_fp, abl, ledger)
+            rec.update(pairs=trained["pairs"], steps=trained["steps"], checkpoint=trained["checkpoint"])
+        rec["train_s"] = round(time.perf_counter() - t0, 1)
+        yield cell.name, rec
 
 
-def gold_eval(policy: str, prompts: list[dict], k: int, max_tokens: int, seed: int) -> np.ndarray:
+def gold_eval(policy: str, prompts: list[dict], a: argparse.Namespace, seed: int) -> np.ndarray:
     """(prompts,) mean gold reward of each held-out prompt's k samples from `policy`: the Generator and the
     FunctionScorer operators called in this process, the same per-sample seeds for every policy."""
     import pyarrow as pa
@@ -138,8 +153,8 @@ def gold_eval(policy: str, prompts: list[dict], k: int, max_tokens: int, seed: i
     from operators.reward_functions import FunctionScorer
     from operators.score import ScoreCfg
 
-    gen = Generator(GenerateCfg(backend="hf", model=policy, num_samples=k, temperature=1.0, top_p=1.0,
-                                max_tokens=max_tokens, dtype="float32", max_model_len=256), seed=seed)
+    gen = Generator(GenerateCfg(backend="hf", model=policy, num_samples=a.eval_k, temperature=a.temperature,
+                                top_p=1.0, max_tokens=a.max_tokens, dtype="float32", max_model_len=256), seed=seed)
     scorer = FunctionScorer(ScoreCfg(functions=[GOLD]))
     table = pa.Table.from_pylist(prompts)
 
@@ -207,15 +222,20 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=8, help="samples a prompt in curation")
     ap.add_argument("--eval-k", type=int, default=4, help="samples a held-out prompt")
     ap.add_argument("--max-tokens", type=int, default=24)
+    # Below 1, the fixed answers' rare slips fade while the open family's near-uniform word choices stay
+    # diverse: a sharper contrast in PVar between the families. Curation and evaluation alike.
+    ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--sft-steps", type=int, default=300)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--epochs", type=float, default=4.0)
     ap.add_argument("--gen-backend", default="vllm", choices=["vllm", "hf"])
     ap.add_argument("--bootstrap", type=int, default=5000)
+    ap.add_argument("--stop-after-min", type=float, default=1e9,
+                    help="start no further seed round after this many minutes (a round once started finishes)")
     ap.add_argument("--quick", action="store_true", help="fewer SFT steps (a smoke run)")
     ap.add_argument("--save", action="store_true", help="copy the results to benchmarks/results/")
     a = ap.parse_args()
@@ -234,12 +254,14 @@ def main() -> int:
     policy = str(out / "policy_sft")
     sft_file = out / "policy_sft.json"
     if not sft_file.exists():
-        sft = study_gold.supervised_policy(base, policy, a.sft_steps, 32, a.sft_lr, seed=0)
+        sft = study_gold.supervised_policy(base, policy, a.sft_steps, 16, a.sft_lr, seed=0)
         sft_file.write_text(json.dumps(sft))
     sft = json.loads(sft_file.read_text())
     phases["sft_s"] = round(time.perf_counter() - t0, 1)
     pool, held = out / "pool.jsonl", study_gold.prompt_rows(a.heldout // 2, 500, "heldout")
-    pool.write_text("".join(json.dumps(r) + "\n" for r in study_gold.prompt_rows(a.pool // 2, 0, "pool")))
+    text = "".join(json.dumps(r) + "\n" for r in study_gold.prompt_rows(a.pool // 2, 0, "pool"))
+    if not pool.exists() or pool.read_text() != text:  # rewritten, it would look new to a rerun's stages
+        pool.write_text(text)
 
     # --- 2. curation with the gold reward ---------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -247,21 +269,23 @@ def main() -> int:
     phases["curate_s"], loads["after_curate"] = round(time.perf_counter() - t0, 1), load()
     stats = stats_by_family(out / "run")
 
-    # --- 3. the ablation cells at one budget ------------------------------------------------------------------
-    t0 = time.perf_counter()
-    cells = train_all(ablate_cfg(a, out, policy))
-    phases["train_s"], loads["after_train"] = round(time.perf_counter() - t0, 1), load()
-
-    # --- 4. gold reward of every policy on the held-out prompts -----------------------------------------------
-    t0 = time.perf_counter()
-    rewards = {"start": gold_eval(policy, held, a.eval_k, a.max_tokens, seed=7)}
-    for name, c in cells.items():
-        rewards[name] = gold_eval(c["checkpoint"], held, a.eval_k, a.max_tokens, seed=7)
-        c["gold_mean"] = float(rewards[name].mean())
-        c["ci95"] = bootstrap_ci(rewards[name], a.bootstrap, 0)
+    # --- 3 and 4. each cell trained, then its policy's gold reward on the held-out prompts ------------------
     families = np.array([p["family"] for p in held])
+    rewards = {"start": gold_eval(policy, held, a, seed=7)}
+    cells: dict[str, dict] = {}
+    phases["train_s"] = phases["eval_s"] = 0.0
+    for name, c in train_cells(ablate_cfg(a, out, policy), t_start + 60 * a.stop_after_min):
+        t0 = time.perf_counter()
+        rewards[name] = gold_eval(c["checkpoint"], held, a, seed=7)
+        c.update(gold_mean=float(rewards[name].mean()), ci95=bootstrap_ci(rewards[name], a.bootstrap, 0),
+                 eval_s=round(time.perf_counter() - t0, 1))
+        phases["train_s"] += c["train_s"]
+        phases["eval_s"] += c["eval_s"]
+        cells[name] = c
+        print(f"study {name}: {c['pairs']} pairs, {c['steps']} steps, gold {c['gold_mean']:.3f} "
+              f"(start {rewards['start'].mean():.3f}); load {load()}", flush=True)
+    loads["after_train_eval"] = load()
     arms = summarise(rewards, cells, families, a.bootstrap)
-    phases["eval_s"], loads["after_eval"] = round(time.perf_counter() - t0, 1), load()
 
     # --- 5. the gradient-norm audit on the first top-PVar policy ----------------------------------------------
     t0 = time.perf_counter()
@@ -274,7 +298,8 @@ def main() -> int:
     record = {"bench": "study_ground_truth", "date": common.today(), "hardware": hw, "versions": common.versions(),
               "config": vars(a), "load": loads, "phases": phases, "sft": sft, "stats_by_family": stats,
               "curation": {k: cur.get(k) for k in ("run_dir", "stages") if k in cur},
-              "arms": arms, "cells": cells, "audit": audit}
+              "arms": arms, "cells": cells, "audit": audit,
+              "heldout_rewards": {k: [round(float(v), 4) for v in x] for k, x in rewards.items() if k == "start" or k in cells}}
     (out / "study.json").write_text(json.dumps(record, indent=1, default=common._json_default))
     table = common.markdown_table(
         ["arm", "seeds", "gold mean", "95% CI", "minus random [95% CI]", "fixed", "open", "seed means"],

@@ -14,6 +14,7 @@ import sys
 from dataclasses import asdict, replace
 
 from operators.base import InputError, apply
+from operators.dedupe import dedupe_prompts, parquet_ids, read_parquet_keyed
 from operators.ingest import ingest_rated
 from operators.norms import norms_from_sums, response_pass
 from operators.read import (
@@ -21,13 +22,10 @@ from operators.read import (
     check_input_columns,
     check_input_types,
     check_local_path,
-    dedupe_prompts,
     detect_format,
     detect_schema,
     input_errors,
-    parquet_ids,
     read_input,
-    read_parquet_keyed,
     validate_prompts,
 )
 from operators.reward_functions import (

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL, apply
-from operators.read import dedupe_prompts, detect_schema, read_input, validate_prompts
+from operators.dedupe import dedupe_prompts
+from operators.read import detect_schema, read_input, validate_prompts
 from pipelines.runtime.config import (
     GenerateCfg,
     InputCfg,

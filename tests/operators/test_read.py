@@ -1,11 +1,11 @@
-"""Duplicate prompt ids from keys alone: the pure steps of `operators.read.dedupe_prompts`."""
+"""Duplicate prompt ids from keys alone: the pure steps of `operators.dedupe.dedupe_prompts`."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
 from operators.base import QUARANTINE
-from operators.read import ROW_ID, apply_decisions, digest_rows, duplicate_decisions, live_ids, repeated_ids
+from operators.dedupe import ROW_ID, apply_decisions, digest_rows, duplicate_decisions, live_ids, repeated_ids
 
 
 def rows() -> pa.Table:

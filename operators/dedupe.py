@@ -1,0 +1,173 @@
+"""Duplicate prompt ids, found from keys alone: no text moves and no shuffle runs.
+
+The rule (`duplicate_decisions`): exact copies of a row keep one, and an id whose rows differ loses all of
+them. Only live rows count: a copy already quarantined for another reason does not make its id a duplicate.
+Rows are told apart by ROW_ID: for parquet input, Ray Data's row hash (file and place), which two reads of
+the same files give alike, so the input is read again rather than held; otherwise a random id per block on
+rows held once in the object store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators.base import QUARANTINE, QUARANTINE_DETAIL, with_quarantine
+
+ROW_ID = "_row_id"  # a 64-bit id per row that tells copies of one prompt_id apart
+
+
+def with_row_ids(batch: pa.Table) -> pa.Table:
+    """Row ids for input that cannot be read twice alike: a random base per block plus the row's position."""
+    base = int.from_bytes(os.urandom(8), "little") >> 2  # room for the block's rows without wrapping
+    return batch.append_column(ROW_ID, pa.array(base + np.arange(batch.num_rows, dtype=np.uint64), pa.uint64()))
+
+
+def parquet_ids(path: str) -> pa.Table:
+    """The prompt_id column of every parquet file of an input, read on the driver: parquet column projection
+    decodes no other column, and only the ids' repeats matter here, not which row holds them."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs, root = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        files = [root]
+    else:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                       if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                       and not os.path.basename(i.path).startswith(("_", ".")))
+    tables = []
+    for f in files:
+        with fs.open_input_file(f) as fh:
+            pf = pq.ParquetFile(fh)
+            if "prompt_id" in pf.schema_arrow.names:
+                tables.append(pa.table({"prompt_id": pc.cast(pf.read(columns=["prompt_id"]).column(0), pa.string())}))
+    return pa.concat_tables(tables) if tables else pa.table({"prompt_id": pa.array([], pa.string())})
+
+
+def read_parquet_keyed(path: str, limit: int | None = None):
+    """A parquet read whose rows carry ROW_ID: Ray Data's `row_hash`, a hash of the file and the row's place in
+    it, so that two reads of the same files name every row alike."""
+    import ray
+
+    ds = ray.data.read_parquet(path, include_row_hash=True)
+    if limit is not None:
+        ds = ds.limit(limit)
+    return ds.map_batches(_row_hash_as_id, batch_format="pyarrow")
+
+
+def _row_hash_as_id(batch: pa.Table) -> pa.Table:
+    return batch.rename_columns([ROW_ID if c == "row_hash" else c for c in batch.column_names])
+
+
+def live_ids(batch: pa.Table) -> pa.Table:
+    """The prompt_ids of rows not already quarantined: the only column the duplicate search collects."""
+    ids = batch.column("prompt_id")
+    if QUARANTINE in batch.column_names:
+        ids = ids.filter(pc.is_null(batch.column(QUARANTINE)))
+    return pa.table({"prompt_id": pc.cast(ids, pa.string())})
+
+
+def repeated_ids(batch: pa.Table) -> pa.Table:
+    """The ids seen more than once in a table of ids (nulls are no id)."""
+    batch = batch.filter(pc.is_valid(batch.column("prompt_id")))
+    counts = batch.group_by("prompt_id").aggregate([("prompt_id", "count")])
+    return counts.filter(pc.greater(counts.column("prompt_id_count"), 1)).select(["prompt_id"])
+
+
+def with_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    """The rows whose prompt_id is in `ids`, before any other work on them."""
+    return batch.filter(pc.fill_null(pc.is_in(pc.cast(batch.column("prompt_id"), pa.string()), value_set=ids), False))
+
+
+def digest_rows(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    """(prompt_id, row id, digest of the row's content) for the live rows whose id is in `ids`; the other rows,
+    and so nearly every text, stay where they are."""
+    hit = pc.is_in(pc.cast(batch.column("prompt_id"), pa.string()), value_set=ids)
+    if QUARANTINE in batch.column_names:
+        hit = pc.and_(hit, pc.is_null(batch.column(QUARANTINE)))
+    rows = batch.filter(pc.fill_null(hit, False))
+    cols = [c for c in rows.column_names if c not in (QUARANTINE, QUARANTINE_DETAIL, ROW_ID)]
+    digests = [_row_digest(r) for r in rows.select(cols).to_pylist()]
+    return pa.table({"prompt_id": pc.cast(rows.column("prompt_id"), pa.string()), ROW_ID: rows.column(ROW_ID),
+                     "digest": pa.array(digests, pa.string())})
+
+
+def duplicate_decisions(keys: pa.Table) -> pa.Table:
+    """The rule, over the keys of every live row whose id repeats: exact duplicates keep one copy (the lowest
+    row id) and the others are `duplicate_prompt_id`; every copy of an id whose rows differ is set aside as
+    `conflicting_duplicate_prompt_id`, because no copy is the right one. Returns (row id, reason)."""
+    by_id: dict[str, list[tuple[int, str]]] = {}
+    for pid, rid, dig in zip(*(keys.column(c).to_pylist() for c in ("prompt_id", ROW_ID, "digest")), strict=True):
+        by_id.setdefault(pid, []).append((rid, dig))
+    out_ids, reasons = [], []
+    for rows in by_id.values():
+        if len({d for _, d in rows}) == 1:
+            keep = min(r for r, _ in rows)
+            drop = [(r, "duplicate_prompt_id") for r, _ in rows if r != keep]
+        else:
+            drop = [(r, "conflicting_duplicate_prompt_id") for r, _ in rows]
+        out_ids += [r for r, _ in drop]
+        reasons += [why for _, why in drop]
+    return pa.table({ROW_ID: pa.array(out_ids, pa.uint64()), "reason": pa.array(reasons, pa.string())})
+
+
+def apply_decisions(batch: pa.Table, decisions: pa.Table) -> pa.Table:
+    """Quarantine the rows the duplicate rule set aside; drop the row ids."""
+    idx = pc.index_in(batch.column(ROW_ID), value_set=decisions.column(ROW_ID))
+    reasons = decisions.column("reason").combine_chunks().take(idx) if len(decisions) else \
+        pa.nulls(batch.num_rows, pa.string())
+    return with_quarantine(batch.drop_columns([ROW_ID]), reasons)
+
+
+def dedupe_prompts(raw, prepare: Callable | None = None, ids: pa.Table | None = None):
+    """Set aside duplicate prompt_ids (`duplicate_decisions`) without moving a text and without a shuffle.
+
+    `prepare(ds)` is the row-local work on the raw rows (validation); the rows come out of it with reasons.
+    Given `ids`, the input's prompt_ids (`parquet_ids`) with `raw` a read that names each row by ROW_ID alike
+    on every read (`read_parquet_keyed`), the input is read again instead of held: the driver finds the ids
+    that repeat; only the rows with such an id are prepared and digested, in one read; and the rows stream on
+    through a filter by the decisions (a few keys). Without `ids` (JSONL, saved datasets: no stable row
+    identity across reads), the prepared rows are materialized once and the same steps run on them.
+    """
+    import ray
+
+    prepare = prepare or (lambda ds: ds)
+    if ids is None:
+        rows = prepare(raw).map_batches(with_row_ids, batch_format="pyarrow").materialize()
+        ids = _collect(ray.get(rows.map_batches(live_ids, batch_format="pyarrow", batch_size=None).to_arrow_refs()),
+                       pa.schema([("prompt_id", pa.string())]))
+        candidates = rows
+    else:
+        # The raw ids, quarantined rows' among them: a superset of the repeats among live rows, which
+        # `digest_rows` and `duplicate_decisions` then judge.
+        rows, candidates = prepare(raw), None
+    found = repeated_ids(live_ids(ids))
+    if found.num_rows == 0:
+        return rows.drop_columns([ROW_ID])
+    repeated = found.column("prompt_id").combine_chunks()
+    if candidates is None:  # prepare only the rows whose id repeats: a few percent, however large the input
+        candidates = prepare(raw.map_batches(with_ids, fn_kwargs={"ids": repeated}, batch_format="pyarrow"))
+    keys = candidates.map_batches(digest_rows, fn_kwargs={"ids": repeated}, batch_format="pyarrow", batch_size=None)
+    decisions = duplicate_decisions(_collect(ray.get(keys.to_arrow_refs()), None))
+    return rows.map_batches(apply_decisions, fn_kwargs={"decisions": decisions}, batch_format="pyarrow",
+                            batch_size=None)
+
+
+def _collect(tables: list[pa.Table], schema: pa.Schema | None) -> pa.Table:
+    tables = [t for t in tables if t.num_rows]
+    if tables:
+        return pa.concat_tables(tables, promote_options="default")
+    return schema.empty_table() if schema is not None else \
+        pa.table({"prompt_id": pa.array([], pa.string()), ROW_ID: pa.array([], pa.uint64()),
+                  "digest": pa.array([], pa.string())})
+
+
+def _row_digest(row: dict) -> str:
+    return hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()

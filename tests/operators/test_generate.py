@@ -178,6 +178,15 @@ def test_engine_auto_is_sync_where_vllm_runs_on_cpu_and_async_on_gpus(monkeypatc
     assert GenerateCfg().engine == "auto"
 
 
+def test_kv_cache_gib_becomes_vllms_byte_count_and_a_bad_one_names_its_key():
+    from operators.vllm_engines import kv_cache_kwargs
+
+    assert kv_cache_kwargs(None, "generate.kv_cache_gib") == {}  # gpu_memory_utilization sizes it
+    assert kv_cache_kwargs(1 / 16, "generate.kv_cache_gib") == {"kv_cache_memory_bytes": 64 * 2**20}
+    with pytest.raises(ValueError, match=r"score.kv_cache_gib must be > 0 or null, got 0"):
+        kv_cache_kwargs(0, "score.kv_cache_gib")
+
+
 def test_column_contract():
     check_columns(Generator, ["prompt_id", "messages"])
     with pytest.raises(ValueError, match="'prompt_id'.*'prompt or messages'"):

@@ -53,7 +53,8 @@ from benchmarks.common import (
     timed_operator,
 )
 from benchmarks.models import load_prompts, prepare_models
-from operators.generate import GenerateCfg, resolve_engine
+from operators.generate import GenerateCfg
+from operators.vllm_engines import resolve_engine
 
 SEED = 0
 TEMPERATURE = 1.0
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = res.get("raw-vllm", {}).get("tok_s")
     ratios = {f"{n.replace('-', '_')}_over_raw_vllm": ratio(r["tok_s"], raw) for n, r in res.items() if n != "raw-vllm"}
     ratios["async_over_sync"] = ratio(res.get("async", {}).get("tok_s"), res.get("sync", {}).get("tok_s"))
-    # The target is on the engine generate.engine=auto picks on this device (operators.generate.resolve_engine).
+    # The target is on the engine generate.engine=auto picks on this device (operators.vllm_engines.resolve_engine).
     auto = resolve_engine(GenerateCfg(backend="vllm")) if have_vllm else "async"
     if have_vllm:
         notes.append(f"generate.engine=auto picks the {auto} engine here")

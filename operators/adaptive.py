@@ -81,9 +81,15 @@ def padded(rewards: Sequence[Sequence[float | None]]) -> np.ndarray:
     return out
 
 
-def pvar_estimates(R: np.ndarray, tau: float) -> np.ndarray:
-    """PVar per row over the finite rewards; NaN for fewer than 2."""
-    return _group_pvar(np.asarray(R, dtype=np.float64), tau)
+def pvar_estimates(R: np.ndarray, tau: float, max_cells: int = 4_000_000) -> np.ndarray:
+    """PVar per row over the finite rewards; NaN for fewer than 2. Chunked so that the [rows, pairs]
+    temporaries stay under `max_cells` each: the driver calls this over every prompt of a run."""
+    R = np.asarray(R, dtype=np.float64)
+    G, w = R.shape
+    chunk = max(1, max_cells // max(w * (w - 1) // 2, 1))
+    if G <= chunk:
+        return _group_pvar(R, tau)
+    return np.concatenate([_group_pvar(R[g0:g0 + chunk], tau) for g0 in range(0, G, chunk)])
 
 
 def pair_kernel(R: np.ndarray, tau: float) -> np.ndarray:

@@ -83,6 +83,9 @@ def test_estimates_are_the_statistics_pvar():
     assert est[0] == pytest.approx(pvar([3.0, 1.0, 2.0], tau=2.0), abs=1e-15)
     assert np.isnan(est[1])
     assert est[2] == pytest.approx(pvar([1.0, 1.0, 4.0], tau=2.0), abs=1e-15)
+    # in chunks of 2 rows (6 pairs of 4 rewards each, 12 cells): the same numbers
+    chunked = pvar_estimates(np.vstack([R, R[::-1]]), tau=2.0, max_cells=12)
+    assert np.array_equal(chunked, np.concatenate([est, est[::-1]]), equal_nan=True)
 
 
 # --- cut and pooling ---------------------------------------------------------------------------------------

@@ -175,7 +175,8 @@ def simulate(data: Rewards, cfg: AdaptiveCfg, repeats: int, seed: int) -> dict:
         out["sample_share"].append(float(n.sum() / data.counts.sum()))
         out["rounds"].append(rounds)
     res = {key: round(float(np.mean(v)), 4) for key, v in out.items()}
-    res["recall_sd"] = round(float(np.std(out["recall"])), 4)
+    for key in ("recall", "sample_share", "recall_even"):
+        res[f"{key}_sd"] = round(float(np.std(out[key])), 4)  # the spread over draw orders
     return res
 
 

@@ -54,6 +54,7 @@ def test_ucb_stops_the_flat_prompts_after_the_first_round(tmp_path):
     res = simulate(data, AdaptiveCfg(rule="ucb", k0=4, step=2, z=1.0), repeats=3, seed=0)
     assert res["sample_share"] == pytest.approx(0.55, abs=1e-12)
     assert res["recall"] == res["recall_strict"] == 1.0
+    assert res["sample_share_sd"] == res["recall_sd"] == 0.0  # the same in every draw order
     assert res["rounds"] == 3  # 4 -> 6 -> 8, then the cap
 
 

@@ -1,11 +1,12 @@
 """generate.adaptive: rounds of sampling inside curation against a full run with the same seed, on tiny
-models (HF backend), and the round helpers on hand-built Arrow tables."""
+models (HF backend), for the rank and the ucb rule, and the round helpers on hand-built Arrow tables."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,14 +15,15 @@ from operators.generate import N_TARGET, SAMPLE_START
 from pipelines import curate
 from pipelines.runtime.config import ConfigError, CurateConfig, from_dict, load_yaml
 from pipelines.runtime.rounds import PRIOR, adaptive_cfg, merge_prior, to_next_round
+from pipelines.tools.simulate_adaptive import replay
 
-K = 6  # generate.num_samples: the cap a prompt that keeps drawing reaches (2 -> 4 -> 6)
+K = 6  # generate.num_samples: the cap a prompt that keeps drawing reaches (3 -> 6)
 
 
 def config(out, tiny_models, adaptive: dict | None, **select) -> CurateConfig:
     data = load_yaml("pipelines/configs/demo_cpu.yaml")["curate"]
-    data["input"]["limit"] = 10
-    data["generate"].update(model=tiny_models["policy"], num_samples=K, max_tokens=10, max_model_len=256)
+    data["input"]["limit"] = 6  # the second prompt is too long for max_model_len: 5 served, 1 quarantined
+    data["generate"].update(model=tiny_models["policy"], num_samples=K, max_tokens=6, max_model_len=256)
     if adaptive is not None:
         data["generate"]["adaptive"] = adaptive
     data["score"]["models"] = [{"path": tiny_models["reward_multi"]}]
@@ -32,16 +34,23 @@ def config(out, tiny_models, adaptive: dict | None, **select) -> CurateConfig:
     return from_dict(CurateConfig, data)
 
 
-RANK = {"rule": "rank", "k0": 2, "step": 2, "keep": 0.5}
+# k0 3: the jackknife behind ucb's bound needs 3 rewards (with 2 every prompt would continue)
+RULES = {"rank": {"rule": "rank", "k0": 3, "step": 3, "keep": 0.5},
+         "ucb": {"rule": "ucb", "k0": 3, "step": 3, "z": 0.5}}
 
 
 @pytest.fixture(scope="module")
 def runs(ray_local, tiny_models, tmp_path_factory):
-    ada, full = tmp_path_factory.mktemp("adaptive"), tmp_path_factory.mktemp("full")
-    cfg = config(ada, tiny_models, RANK)
-    curate.main(cfg)
+    """One full run, shared by the rank and the ucb run it is compared with."""
+    full = tmp_path_factory.mktemp("full")
     curate.main(config(full, tiny_models, None))
-    return ada, full, cfg
+    out = {"full": (full, None)}
+    for name, adaptive in RULES.items():
+        ada = tmp_path_factory.mktemp(name)
+        cfg = config(ada, tiny_models, adaptive)
+        curate.main(cfg)
+        out[name] = (ada, cfg)
+    return out
 
 
 def rows(path):
@@ -53,8 +62,9 @@ def manifest(out):
 
 
 @pytest.mark.slow
-def test_prompts_at_k_max_match_a_full_run(runs):
-    ada, full, _ = runs
+@pytest.mark.parametrize("rule", list(RULES))
+def test_prompts_at_k_max_match_a_full_run(runs, rule):
+    (ada, cfg), (full, _) = runs[rule], runs["full"]
     a_stats, f_stats = rows(ada / "stats"), rows(full / "stats")
     assert set(a_stats) == set(f_stats)
     capped = [p for p, s in a_stats.items() if s["n"] == K]
@@ -71,40 +81,53 @@ def test_prompts_at_k_max_match_a_full_run(runs):
         assert [(r["text"], r["seed"]) for r in mine] == [(r["text"], r["seed"]) for r in theirs]
         assert [r["overall"] for r in mine] == pytest.approx([r["overall"] for r in theirs], rel=1e-6, abs=1e-6)
         assert a_stats[p]["n"] == len(mine)
+    # the rounds drew what the rule decides on these rewards: the simulation's replay over the full run's
+    # rewards (in sample order, prompts sorted as the driver sorts them) gives every prompt's n
+    ids = sorted(f_scored)
+    order = np.array([[r["overall"] for r in f_scored[p]["responses"]] for p in ids], dtype=np.float64)
+    n, rounds = replay(order, np.full(len(ids), K), adaptive_cfg(cfg))
+    assert dict(zip(ids, n.tolist(), strict=True)) == {p: a_stats[p]["n"] for p in ids}
+    assert rounds == len(manifest(ada)["adaptive"]["rounds"])
 
 
 @pytest.mark.slow
-def test_manifest_counts_rounds_and_balances(runs):
-    ada, full, _ = runs
+@pytest.mark.parametrize("rule", list(RULES))
+def test_manifest_counts_rounds_and_balances(runs, rule):
+    (ada, _), (full, _) = runs[rule], runs["full"]
     m = manifest(ada)
     for name, s in m["stages"].items():
         assert s["rows_in"] == s["rows_out_as_input"] + sum(s["quarantined"].values()), name
     ad = m["adaptive"]
     served = m["stages"]["round_0"]["rows_out"]
-    # rank keep 0.5 from k0 2 by step 2 to 6: every served prompt draws 2, half of them 2 more, half of
-    # those the last 2 (Budget's round-half-up of 0.5 * prompts in play)
-    second = int(served * 0.5 + 0.5)
-    third = int(second * 0.5 + 0.5)
-    assert [r["prompts"] for r in ad["rounds"]][1:] == [second, third]
-    assert [r["samples"] for r in ad["rounds"]] == [2 * served, 2 * second, 2 * third]
-    assert ad["samples_generated"] == 2 * (served + second + third) < ad["samples_full_run"] == K * served
-    assert ad["prompts_at_k_max"] == third
+    assert served == 5 and m["stages"]["round_0"]["quarantined"] == {"prompt_too_long": 1}
+    n = [s["n"] for s in rows(ada / "stats").values()]
+    # round 0 counts the prompts sent in (the quarantined one too) and the samples of the served ones
+    assert ad["rounds"][0] == {"round": 0, "prompts": served + 1, "samples": 3 * served}
+    assert ad["samples_generated"] == sum(r["samples"] for r in ad["rounds"]) == sum(n)
+    assert ad["samples_generated"] < ad["samples_full_run"] == K * served
+    assert ad["prompts_at_k_max"] == n.count(K)
     assert m["stages"]["scored"]["rows_out"] == served
     assert m["stages"]["stats"]["rows_in"] == ad["samples_generated"]  # responses into the statistics
-    f = manifest(full)
-    assert f["stages"]["stats"]["rows_in"] == ad["samples_full_run"]
-    assert {f"round_{r}" for r in range(3)} <= set(m["stages"]) and "round_3" not in m["stages"]
+    assert manifest(full)["stages"]["stats"]["rows_in"] == ad["samples_full_run"]
+    rounds = len(ad["rounds"])
+    assert {f"round_{r}" for r in range(rounds)} <= set(m["stages"]) and f"round_{rounds}" not in m["stages"]
+    if rule == "rank":
+        # keep 0.5 from k0 3 by step 3 to 6: every served prompt draws 3, then the top round-half-up(2.5) = 3
+        # of them the last 3
+        assert ad["rounds"] == [{"round": 0, "prompts": 6, "samples": 15}, {"round": 1, "prompts": 3, "samples": 9}]
+        assert ad["prompts_at_k_max"] == 3
 
 
 @pytest.mark.slow
 def test_rerun_skips_completed_rounds(runs, capsys):
-    ada, _, cfg = runs
-    marks = {r: os.stat(ada / f"round_{r}" / "_SUCCESS").st_mtime_ns for r in range(3)}
+    ada, cfg = runs["rank"]
+    rounds = len(manifest(ada)["adaptive"]["rounds"])
+    marks = {r: os.stat(ada / f"round_{r}" / "_SUCCESS").st_mtime_ns for r in range(rounds)}
     before = manifest(ada)["adaptive"]
     capsys.readouterr()
     curate.main(cfg)
     printed = capsys.readouterr().err  # say() writes to stderr
-    for r in range(3):
+    for r in range(rounds):
         assert f"stage round_{r}: complete for this config, skipped" in printed
         assert os.stat(ada / f"round_{r}" / "_SUCCESS").st_mtime_ns == marks[r]
     assert manifest(ada)["adaptive"] == before

@@ -293,17 +293,20 @@ COPY (SELECT prompt_id FROM selected) TO '{out}/selection' (FORMAT parquet, PER_
 """
 
 
-def run_duckdb(data: str, out: str) -> dict:
+def run_duckdb(data: str, out: str, memory_gb: float | None) -> dict:
     import duckdb
 
     con = duckdb.connect()
+    if memory_gb:  # on a shared machine: DuckDB spills its temporary tables to disk past this
+        con.execute(f"SET memory_limit = '{memory_gb}GB'")
+        con.execute(f"SET temp_directory = '{out}/duckdb_tmp'")
     threads = con.execute("SELECT current_setting('threads')").fetchone()[0]  # type: ignore[index]
     with MemorySampler() as mem:
         c0, t0 = tree_cpu_seconds(), time.perf_counter()
         con.execute(DUCKDB_SQL.format(data=data, out=out, fraction=FRACTION))
         seconds = time.perf_counter() - t0
         cpu = tree_cpu_seconds() - c0
-    return {"seconds": seconds, "cpu_s": cpu, "threads": threads, **mem.figures()}
+    return {"seconds": seconds, "cpu_s": cpu, "threads": threads, "memory_limit_gb": memory_gb, **mem.figures()}
 
 
 def run_select_keys(prompts: int) -> dict:
@@ -370,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="reuse (or keep) the synthetic data here")
     ap.add_argument("--object-store-gb", type=float, default=2.0)
     ap.add_argument("--select-keys", type=int, default=0, help="also measure the selection's driver cost here")
+    ap.add_argument("--duckdb-memory-gb", type=float, default=None,
+                    help="DuckDB's memory_limit (it spills past it); unset: its default, 80%% of RAM")
     ap.add_argument("--contender", choices=["prefsift", "duckdb", "select-keys", "floor"], help=argparse.SUPPRESS)
     ap.add_argument("--executions", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -381,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         result(run_prefsift(args.data, args.out, args.object_store_gb))
         return 0
     if args.contender == "duckdb":
-        result(run_duckdb(args.data, args.out))
+        result(run_duckdb(args.data, args.out, args.duckdb_memory_gb))
         return 0
     if args.contender == "floor":
         result(run_floor(args.out, args.executions, args.object_store_gb))
@@ -410,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("prefsift", "duckdb"):
             print(f"[bench_curate] {name} ...", file=sys.stderr, flush=True)
             (work / name).mkdir(parents=True, exist_ok=True)
+            limit = ["--duckdb-memory-gb", str(args.duckdb_memory_gb)] if args.duckdb_memory_gb else []
             res[name] = run_contender(me, ["--data", str(data), "--contender", name, "--out", str(work / name),
-                                           "--object-store-gb", str(args.object_store_gb)])
+                                           "--object-store-gb", str(args.object_store_gb), *limit])
         check = compare(str(work / "prefsift"), str(work / "duckdb"))
         (work / "floor").mkdir()
         floor = run_contender(me, ["--contender", "floor", "--out", str(work / "floor"), "--object-store-gb",
@@ -426,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             return round((r["peak_rss_mb"] + r["all_children_pss_peak_mb"]) / 1024, 2)
 
         rows = [["prefsift curate (Ray Data)", p["seconds"], p["cpu_s"], mem_gb(p), "Ray start-up included"],
-                ["DuckDB script", d["seconds"], d["cpu_s"], mem_gb(d), f"{d['threads']} threads"],
+                ["DuckDB script", d["seconds"], d["cpu_s"], mem_gb(d),
+                 f"{d['threads']} threads" + (f", memory_limit {d['memory_limit_gb']} GB" if d["memory_limit_gb"] else "")],
                 ["Ray floor: start + the run's executions on one row", floor["seconds"], "", "",
                  f"start {floor['ray_init_s']:.1f}s + {floor['executions']} x "
                  f"{np.mean(floor['per_execution_s'] or [0]):.2f}s"]]
@@ -461,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
              ratios, table=table,
              targets={"prefsift_time_over_duckdb": "<= 2", "prefsift_peak_memory_gb": "report"},
              config={"prompts": prompts, "k": K, "aspects": list(ASPECTS), "fraction": FRACTION, "quick": args.quick,
-                     "object_store_gb": args.object_store_gb})
+                     "object_store_gb": args.object_store_gb, "duckdb_memory_gb": args.duckdb_memory_gb})
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

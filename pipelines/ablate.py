@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from operators.base import InputError
 from pipelines import evaluate, train_dpo
 from pipelines.evaluate import EvaluateConfig
 from pipelines.runtime.config import (
@@ -163,6 +164,11 @@ def train_cell(cfg: AblateConfig, cell: Cell, src: RunDir, stats_fp: str, abl: R
     sel_run = RunDir(abl.uri_of(cell.selection))
     sel = run_selection(sel_run, select_cfg(cfg, cell), stats_fp, stats_run=src)
     pairs_fp = sel_run.read_text("pairs", SUCCESS).strip()
+    if sel["pairs"].rows_out == 0:
+        # Ray Train would fail deep inside a worker ("rank 0 holds 0 pairs"); the cause is the data.
+        raise InputError(f"ablate {cell.name}: rule {cell.label} keeps {sel['pairs'].rows_in} prompts at this "
+                         f"budget and none of them has two responses with different scores, so it leaves no pair "
+                         f"to train on; raise fraction/count or leave the rule out (selection: {sel_run.uri})")
 
     # --- train: one train_dpo run folder per cell -----------------------------------------------------------
     tc = cfg.train

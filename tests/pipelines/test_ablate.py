@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from operators.base import InputError
 from pipelines import ablate, curate
 from pipelines.ablate import AblateConfig, cells, table_text, validate
 from pipelines.runtime.config import ConfigError, CurateConfig, from_dict
@@ -119,3 +120,24 @@ def test_ablation_table_and_rerun_skips(rated_run, tiny_models, capsys):
     assert "train: done" not in log and "stage eval_" not in log
     assert {r["rule"]: (Path(r["train_dir"]) / "train" / "metrics.jsonl").stat().st_mtime_ns
             for r in rows} == metrics
+
+
+
+def test_a_rule_that_leaves_no_pair_is_named_before_training(ray_local, tiny_models, tmp_path):
+    """8 unlabelled prompts, 3 rated responses each; 4 rated 5, 5, 5 (PVar 0: nothing to prefer). pvar_bottom
+    at a budget of 4 keeps exactly those, so its cell has no pair: a one-line InputError naming the cell, not
+    a failure inside a Ray Train worker."""
+    rows = [{"prompt_id": f"p{i}", "prompt": f"question {i}?",
+             "responses": [{"text": f"answer {j} to {i}", "overall": 5.0 if i < 4 else float(4 * j + 1)}
+                           for j in range(3)]} for i in range(8)]
+    src = tmp_path / "rated.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    curate.main(from_dict(CurateConfig, {
+        "input": {"path": str(src)}, "output": {"dir": str(run)}, "select": {"rule": "pvar_top", "fraction": 0.5},
+        "ray": {"num_cpus": 2, "object_store_memory_gb": 1.0, "progress": False}}))
+    cfg = ablate_config(run, tiny_models, fraction=None, count=4, rules=[{"rule": "pvar_bottom"}])
+    with pytest.raises(InputError, match=r"^ablate pvar_bottom-sigmoid-s0: rule pvar_bottom keeps 4 prompts at this "
+                                         r"budget and none .* leaves no pair to train on"):
+        ablate.main(cfg)
+    assert not (run / "ablate" / "pvar_bottom-sigmoid-s0" / "train").exists()

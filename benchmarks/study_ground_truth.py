@@ -21,7 +21,7 @@ curriculum, when "better" is a reward we wrote down? (Not part of CI; minutes on
 5. `prefsift audit` on a top-PVar policy: per-prompt DPO gradient norm against the policy-implied PVar.
 
 Writes <out>/study.json and the plot; --save copies them to benchmarks/results/<date>-study-<hardware>.*.
-Run it under the shared benchmark lock: flock /tmp/prefsift-bench.lock timeout 1800 python benchmarks/...
+Run it on an otherwise quiet machine when its wall time matters (it is not a speed benchmark).
 """
 
 from __future__ import annotations

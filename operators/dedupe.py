@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL, with_quarantine
+from operators.jsonl import list_files
 
 ROW_ID = "_row_id"  # a 64-bit id per row that tells copies of one prompt_id apart
 
@@ -32,18 +33,10 @@ def with_row_ids(batch: pa.Table) -> pa.Table:
 def parquet_ids(path: str) -> pa.Table:
     """The prompt_id column of every parquet file of an input, read on the driver: parquet column projection
     decodes no other column, and only the ids' repeats matter here, not which row holds them."""
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    fs, root = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
-    if fs.get_file_info(root).type == pafs.FileType.File:
-        files = [root]
-    else:
-        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                       if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                       and not os.path.basename(i.path).startswith(("_", ".")))
     tables = []
-    for f in files:
+    for fs, f in list_files(path, extensions=("parquet",)):
         with fs.open_input_file(f) as fh:
             pf = pq.ParquetFile(fh)
             if "prompt_id" in pf.schema_arrow.names:

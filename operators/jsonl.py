@@ -259,8 +259,9 @@ def read_records(f, path: str) -> Iterator[tuple[int, bytes]]:
         yield item
 
 
-def list_files(path: str) -> list[tuple[Any, str]]:
-    """(filesystem, path) of every JSON input file under `path`, sorted; hidden and marker files skipped."""
+def list_files(path: str, extensions: tuple[str, ...] = EXTENSIONS) -> list[tuple[Any, str]]:
+    """(filesystem, path) of every input file under `path` (JSON by default), sorted; hidden and marker files
+    skipped."""
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
@@ -270,7 +271,7 @@ def list_files(path: str) -> list[tuple[Any, str]]:
     found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     names = [i.path for i in found if i.type == pafs.FileType.File
              and not os.path.basename(i.path).startswith((".", "_"))
-             and any(i.path.lower().endswith("." + e) for e in EXTENSIONS)]
+             and any(i.path.lower().endswith("." + e) for e in extensions)]
     return [(fs, p) for p in sorted(names)]
 
 

@@ -2,9 +2,12 @@
 
 The rule (`duplicate_decisions`): exact copies of a row keep one, and an id whose rows differ loses all of
 them. Only live rows count: a copy already quarantined for another reason does not make its id a duplicate.
-Rows are told apart by ROW_ID: for parquet input, Ray Data's row hash (file and place), which two reads of
-the same files give alike, so the input is read again rather than held; otherwise a random id per block on
-rows held once in the object store.
+Rows are told apart by ROW_ID: for parquet input, Ray Data's row hash (file and place); otherwise a random id
+per block on rows held once in the object store.
+
+Parquet input is read once: the driver reads the ids alone (`parquet_ids`), and the stage's streaming write
+holds the live rows whose id repeats (`hold_repeated`, a few per cent) in a side folder, to be judged
+together on the driver once the pass is over (`settle_duplicates`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from operators.base import QUARANTINE, QUARANTINE_DETAIL, with_quarantine
 from operators.jsonl import list_files
 
 ROW_ID = "_row_id"  # a 64-bit id per row that tells copies of one prompt_id apart
+HELD = "_held"  # set on the live rows whose prompt_id repeats: the stage's write holds them for the rule
 
 
 def with_row_ids(batch: pa.Table) -> pa.Table:
@@ -74,9 +78,19 @@ def repeated_ids(batch: pa.Table) -> pa.Table:
     return counts.filter(pc.greater(counts.column("prompt_id_count"), 1)).select(["prompt_id"])
 
 
-def with_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
-    """The rows whose prompt_id is in `ids`, before any other work on them."""
-    return batch.filter(pc.fill_null(pc.is_in(pc.cast(batch.column("prompt_id"), pa.string()), value_set=ids), False))
+def hold_repeated(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    """Flag (HELD) the live rows whose prompt_id is in `ids`: the write sets them aside for `settle_duplicates`."""
+    hit = pc.is_in(pc.cast(batch.column("prompt_id"), pa.string()), value_set=ids)
+    if QUARANTINE in batch.column_names:
+        hit = pc.and_(hit, pc.is_null(batch.column(QUARANTINE)))
+    return batch.append_column(HELD, pc.fill_null(hit, False))
+
+
+def settle_duplicates(held: pa.Table) -> pa.Table:
+    """The held rows, all live and of repeated ids, judged together: the rule's reasons in the quarantine
+    column, the row ids dropped."""
+    ids = pc.unique(pc.cast(held.column("prompt_id"), pa.string()))
+    return apply_decisions(held, duplicate_decisions(digest_rows(held, ids)))
 
 
 def digest_rows(batch: pa.Table, ids: pa.Array) -> pa.Table:
@@ -119,38 +133,38 @@ def apply_decisions(batch: pa.Table, decisions: pa.Table) -> pa.Table:
     return with_quarantine(batch.drop_columns([ROW_ID]), reasons)
 
 
-def dedupe_prompts(raw, prepare: Callable | None = None, ids: pa.Table | None = None):
-    """Set aside duplicate prompt_ids (`duplicate_decisions`) without moving a text and without a shuffle.
-
-    `prepare(ds)` is the row-local work on the raw rows (validation); the rows come out of it with reasons.
-    Given `ids`, the input's prompt_ids (`parquet_ids`) with `raw` a read that names each row by ROW_ID alike
-    on every read (`read_parquet_keyed`), the input is read again instead of held: the driver finds the ids
-    that repeat; only the rows with such an id are prepared and digested, in one read; and the rows stream on
-    through a filter by the decisions (a few keys). Without `ids` (JSONL, saved datasets: no stable row
-    identity across reads), the prepared rows are materialized once and the same steps run on them.
-    """
+def dedupe_prompts(raw, prepare: Callable | None = None):
+    """Set aside duplicate prompt_ids (`duplicate_decisions`) without moving a text and without a shuffle, for
+    input that cannot be read twice alike (JSONL, saved datasets). `prepare(ds)` is the row-local work on the
+    raw rows (validation); the rows come out of it with reasons. The prepared rows are materialized once; the
+    driver collects their live ids, and only the rows whose id repeats are digested."""
     import ray
 
     prepare = prepare or (lambda ds: ds)
-    if ids is None:
-        rows = prepare(raw).map_batches(with_row_ids, batch_format="pyarrow").materialize()
-        ids = _collect(ray.get(rows.map_batches(live_ids, batch_format="pyarrow", batch_size=None).to_arrow_refs()),
-                       pa.schema([("prompt_id", pa.string())]))
-        candidates = rows
-    else:
-        # The raw ids, quarantined rows' among them: a superset of the repeats among live rows, which
-        # `digest_rows` and `duplicate_decisions` then judge.
-        rows, candidates = prepare(raw), None
-    found = repeated_ids(live_ids(ids))
+    rows = prepare(raw).map_batches(with_row_ids, batch_format="pyarrow").materialize()
+    ids = _collect(ray.get(rows.map_batches(live_ids, batch_format="pyarrow", batch_size=None).to_arrow_refs()),
+                   pa.schema([("prompt_id", pa.string())]))
+    found = repeated_ids(ids)
     if found.num_rows == 0:
         return rows.drop_columns([ROW_ID])
     repeated = found.column("prompt_id").combine_chunks()
-    if candidates is None:  # prepare only the rows whose id repeats: a few percent, however large the input
-        candidates = prepare(raw.map_batches(with_ids, fn_kwargs={"ids": repeated}, batch_format="pyarrow"))
-    keys = candidates.map_batches(digest_rows, fn_kwargs={"ids": repeated}, batch_format="pyarrow", batch_size=None)
+    keys = rows.map_batches(digest_rows, fn_kwargs={"ids": repeated}, batch_format="pyarrow", batch_size=None)
     decisions = duplicate_decisions(_collect(ray.get(keys.to_arrow_refs()), None))
     return rows.map_batches(apply_decisions, fn_kwargs={"decisions": decisions}, batch_format="pyarrow",
                             batch_size=None)
+
+
+def hold_duplicates(raw, prepare: Callable, ids: pa.Table):
+    """Parquet input (`read_parquet_keyed`, whose rows carry ROW_ID), with its prompt_ids read on the driver
+    (`parquet_ids`): the prepared rows, the live ones with a repeated id flagged HELD for the stage's write to
+    set aside and `settle_duplicates` to judge. The raw ids, quarantined rows' among them, are a superset of
+    the repeats among live rows; the rule judges live rows only. One read of the input, nothing materialized."""
+    rows = prepare(raw)
+    found = repeated_ids(ids)
+    if found.num_rows == 0:
+        return rows.drop_columns([ROW_ID])
+    return rows.map_batches(hold_repeated, fn_kwargs={"ids": found.column("prompt_id").combine_chunks()},
+                            batch_format="pyarrow")
 
 
 def _collect(tables: list[pa.Table], schema: pa.Schema | None) -> pa.Table:

@@ -14,7 +14,15 @@ import sys
 from dataclasses import asdict, replace
 
 from operators.base import InputError, apply
-from operators.dedupe import dedupe_prompts, parquet_ids, read_parquet_keyed
+from operators.dedupe import (
+    HELD,
+    ROW_ID,
+    dedupe_prompts,
+    hold_duplicates,
+    parquet_ids,
+    read_parquet_keyed,
+    settle_duplicates,
+)
 from operators.ingest import ingest_rated
 from operators.norms import norms_from_sums, response_pass
 from operators.read import (
@@ -39,7 +47,7 @@ from pipelines.runtime.config import ConfigError, CurateConfig, fingerprint, mod
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir, filesystem_of
 from pipelines.runtime.ray_start import init_ray
-from pipelines.runtime.stages import read_stage, run_stage, stage_files
+from pipelines.runtime.stages import Aside, read_stage, run_stage, stage_files
 from pipelines.select import run_selection
 
 
@@ -120,15 +128,16 @@ def main(cfg: CurateConfig) -> dict:
         return ds
 
     def build_read():
-        # Parquet: the ids alone on the driver, then the rows with a repeated id, then all rows streaming from the
-        # files to prompts/ (each read names a row by its file and place). Other formats are held once instead.
+        # Parquet: the ids alone on the driver, then one pass streaming the rows from the files to prompts/,
+        # the rows with a repeated id held aside and judged after it. Other formats are held once instead.
         if keyed:
-            return dedupe_prompts(read_parquet_keyed(in_path, cfg.input.limit), prepare, ids=parquet_ids(in_path))
+            return hold_duplicates(read_parquet_keyed(in_path, cfg.input.limit), prepare, parquet_ids(in_path))
         return dedupe_prompts(raw, prepare)
 
     read_fp = fingerprint(cfg.input, input_stamp(in_path), "per-prompt-v1")
     with input_errors():
-        read = run_stage(run, "prompts", read_fp, build_read, rows_in=None, unit_in="prompt", unit_out="prompt")
+        read = run_stage(run, "prompts", read_fp, build_read, rows_in=None, unit_in="prompt", unit_out="prompt",
+                         aside=Aside(HELD, settle_duplicates, private=(ROW_ID,)) if keyed else None)
     if read.rows_out == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in read.quarantined.items())
         raise InputError(f"input {in_path}: no usable rows; all {read.rows_in} were quarantined ({reasons}), "

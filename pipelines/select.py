@@ -29,8 +29,6 @@ def key_columns(run: RunDir, cfg: SelectCfg) -> pa.Table:
 def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str, stats_run: RunDir | None = None) -> dict:
     """select -> pairs, two stages of the run folder. selection/ holds keys and decisions only. `stats_run`:
     the run whose stats/ to select from, when not `run` (prefsift ablate: one folder per rule and seed)."""
-    import ray
-
     src = stats_run or run
 
     sc = cfg.select
@@ -43,8 +41,7 @@ def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str, stats_run: RunD
                           RuleParams(seed=seed, margin_tau=sc.margin_tau, sft_quantile=sc.sft_quantile,
                                      column=sc.column, min=sc.min, max=sc.max),
                           stratify_by=sc.stratify_by)
-        step = max(1, -(-decision.num_rows // max(1, os.cpu_count() or 1)))
-        return ray.data.from_arrow([decision.slice(i, step) for i in range(0, max(decision.num_rows, 1), step)])
+        return decision  # keys and decisions, on the driver already: written from there, no Ray Data execution
 
     sel = run_stage(run, "selection", select_fp, build_selection, rows_in=lambda: src.stage_record("stats").rows_out,
                     unit_in="prompt", unit_out="prompt")

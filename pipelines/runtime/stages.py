@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ from pipelines.runtime.console import say
 from pipelines.runtime.manifest import SUCCESS, RunDir, StageRecord
 
 QUARANTINE_DIR = "quarantine"
+HELD_SUFFIX = ".held"  # <stage>.held/: rows an Aside holds until the pass ends
 
 
 def _good(table: pa.Table) -> pa.Table:
@@ -69,18 +71,48 @@ class _Shards:
             self.sink.close()
         self.writer = self.sink = None
 
+    def finish(self) -> None:
+        """Close, then delete parts past this try's last one: a failed try of the task that wrote more parts
+        would otherwise leave its tail beside this try's files."""
+        import pyarrow.fs as pafs
+
+        self.close()
+        part = self.parts
+        while True:
+            path = f"{self.folder}/{self.stem}-{part}.parquet"
+            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return
+            self.fs.delete_file(path)
+            part += 1
+
+
+@dataclass(frozen=True)
+class Aside:
+    """Rows a stage can judge only once it has seen all of them (rows whose prompt_id repeats): the write
+    holds the rows with `flag` set in a side folder instead of the stage's; after the pass, `settle(held)`
+    returns them with their reasons in the quarantine column, and they go where the others went. `private`:
+    columns only the held rows need (row ids), dropped from the others."""
+
+    flag: str
+    settle: Callable[[pa.Table], pa.Table]
+    private: tuple[str, ...] = ()
+
 
 class SplitSink(Datasink):
     """A stage's one write: each block's good rows go to `<stage>/`, its quarantined rows (with `reason`) to
-    `quarantine/<stage>/`, in the pass that computes them. Nothing is materialized first, so a stage's rows
-    (and their texts) never sit in the object store or spill; the counts come back with the write: good rows,
-    quarantined rows by reason, and the totals of `sum_columns` over the good rows."""
+    `quarantine/<stage>/`, in the pass that computes them; with an `Aside`, its flagged rows to `held_dir`.
+    Nothing is materialized first, so a stage's rows (and their texts) never sit in the object store or spill;
+    the counts come back with the write: good rows, quarantined rows by reason, and the totals of `sum_columns`
+    over the good rows."""
 
-    def __init__(self, fs, good_dir: str, bad_dir: str, sum_columns: tuple[str, ...] = ()):
+    def __init__(self, fs, good_dir: str, bad_dir: str, sum_columns: tuple[str, ...] = (),
+                 aside: Aside | None = None, held_dir: str | None = None):
         self.fs, self.good_dir, self.bad_dir = fs, good_dir, bad_dir
         self.sum_columns = sum_columns
+        self.aside, self.held_dir = aside, held_dir
         self.token = uuid.uuid4().hex[:12]  # drawn on the driver: the same for every try of a task
         self.rows_out = 0
+        self.held = 0
         self.reasons: dict[str, int] = {}
         self.sums: dict[str, float] = dict.fromkeys(sum_columns, 0.0)
         self.schema: pa.Schema | None = None  # of the good rows, for an empty stage's one empty shard
@@ -88,12 +120,27 @@ class SplitSink(Datasink):
     def write(self, blocks, ctx) -> dict:
         from ray.data.block import BlockAccessor
 
-        stem = f"{self.token}-{ctx.task_idx:06d}"
+        return self.write_tables((BlockAccessor.for_block(b).to_arrow() for b in blocks), f"{ctx.task_idx:06d}")
+
+    def write_tables(self, tables, name: str) -> dict:
+        """Split and write `tables` under shard names made of the write's token and `name` (a task's index,
+        or the driver's part), and return their counts."""
+        stem = f"{self.token}-{name}"
         good_out, bad_out = _Shards(self.fs, self.good_dir, stem), _Shards(self.fs, self.bad_dir, stem)
-        out: dict = {"good": 0, "reasons": {}, "sums": dict.fromkeys(self.sum_columns, 0.0), "schema": None}
+        held_out = _Shards(self.fs, self.held_dir, stem) if self.aside is not None else None
+        out: dict = {"good": 0, "held": 0, "reasons": {}, "sums": dict.fromkeys(self.sum_columns, 0.0),
+                     "schema": None}
         try:
-            for block in blocks:
-                table = BlockAccessor.for_block(block).to_arrow()
+            for table in tables:
+                if held_out is not None and self.aside.flag in table.column_names:
+                    flag = pc.fill_null(table.column(self.aside.flag), False)
+                    table = table.drop_columns([self.aside.flag])
+                    held = table.filter(flag)
+                    if held.num_rows:
+                        held_out.add(held)
+                        out["held"] += held.num_rows
+                    table = table.filter(pc.invert(flag))
+                    table = table.drop_columns([c for c in self.aside.private if c in table.column_names])
                 good = _good(table)
                 if out["schema"] is None:
                     out["schema"] = good.schema
@@ -106,23 +153,29 @@ class SplitSink(Datasink):
                     bad = _bad(table)
                     bad_out.add(bad)
                     for v in pc.value_counts(bad.column("reason").combine_chunks()).to_pylist():
-                        out["reasons"][str(v["values"])] = out["reasons"].get(str(v["values"]), 0) + int(v["counts"])
+                        reason = str(v["values"])
+                        out["reasons"][reason] = out["reasons"].get(reason, 0) + int(v["counts"])
         finally:
-            good_out.close()
-            bad_out.close()
+            for shards in (good_out, bad_out, held_out):
+                if shards is not None:
+                    shards.finish()
         return out
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:
-            if not r:
-                continue
-            self.rows_out += r["good"]
-            for k, v in r["reasons"].items():
-                self.reasons[k] = self.reasons.get(k, 0) + v
-            for c, v in r["sums"].items():
-                self.sums[c] += v
-            if self.schema is None:
-                self.schema = r["schema"]
+            self.add(r)
+
+    def add(self, r: dict | None) -> None:
+        if not r:
+            return
+        self.rows_out += r["good"]
+        self.held += r["held"]
+        for k, v in r["reasons"].items():
+            self.reasons[k] = self.reasons.get(k, 0) + v
+        for c, v in r["sums"].items():
+            self.sums[c] += v
+        if self.schema is None:
+            self.schema = r["schema"]
 
 
 def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
@@ -165,13 +218,16 @@ def run_stage(
     out_as_input: str | None = None,
     unit_in: str = "row",
     unit_out: str = "row",
+    aside: Aside | None = None,
 ) -> StageRecord:
     """Build the stage's dataset, write good rows to `<stage>/` and the rest to `quarantine/<stage>/`.
 
     `build` returns a lazy Ray Dataset whose rows may carry a reason in the quarantine column. It runs once,
     streaming into one write (`SplitSink`) that splits each block as it comes, so the models run once and the
-    rows are never materialized. `out_as_input` names a column whose total over the good rows counts them in
-    the input's unit (the statistics' `n`: responses per prompt row).
+    rows are never materialized. A `build` that returns a pyarrow table (a decision made on the driver from
+    key columns) is written from the driver, without a Ray Data execution. `aside`: rows held out of the pass
+    and settled after it (`Aside`). `out_as_input` names a column whose total over the good rows counts them
+    in the input's unit (the statistics' `n`: responses per prompt row).
     """
     if run.is_complete(stage, fp):
         rec = run.stage_record(stage)
@@ -183,16 +239,28 @@ def run_stage(
     say(f"stage {stage}: running")
     t0 = time.perf_counter()
     # A folder without this fingerprint's _SUCCESS is a killed run's or another config's: cleared, not mixed.
+    held_dir = run.path(stage + HELD_SUFFIX)
     run.remove(stage)
     run.remove(QUARANTINE_DIR, stage)
+    run.remove(stage + HELD_SUFFIX)
 
     ds = build()
     sink = SplitSink(run.fs, run.path(stage), run.path(QUARANTINE_DIR, stage),
-                     (out_as_input,) if out_as_input else ())
-    ds.write_datasink(sink)
+                     (out_as_input,) if out_as_input else (), aside=aside, held_dir=held_dir)
+    if isinstance(ds, pa.Table):
+        sink.add(sink.write_tables([ds], "driver"))
+    else:
+        ds.write_datasink(sink)
+    if aside is not None and sink.held:
+        # The held rows (a few per cent: the ids that repeat) are judged together on the driver and written
+        # beside the others; their side folder goes once they are in.
+        held = _read_folder(run, held_dir)
+        sink.add(sink.write_tables([aside.settle(held)], "settled"))
+    run.remove(stage + HELD_SUFFIX)
     rows_out, quarantined = sink.rows_out, dict(sorted(sink.reasons.items()))
     if not rows_out:
-        _empty_shard(run, stage, sink.schema or _good(_schema_of(ds).empty_table()).schema)
+        schema = sink.schema or _schema_of(ds)
+        _empty_shard(run, stage, _good(schema.empty_table()).schema)
     if quarantined:
         run.write_text(fp, QUARANTINE_DIR, stage, SUCCESS)
     # rows_in=None: a 1:1 stage whose every input row comes out, good or quarantined.
@@ -224,7 +292,19 @@ def run_stage(
     return rec
 
 
+def _read_folder(run: RunDir, path: str) -> pa.Table:
+    """Every shard of a folder as one table; shards whose blocks typed an all-null column as null are unified."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    files = sorted(f.path for f in run.fs.get_file_info(pafs_selector(path)) if f.path.endswith(".parquet"))
+    schema = pa.unify_schemas([pq.read_schema(f, filesystem=run.fs) for f in files], promote_options="permissive")
+    return pads.dataset(files, schema=schema, filesystem=run.fs, format="parquet").to_table()
+
+
 def _schema_of(ds) -> pa.Schema:
+    if isinstance(ds, pa.Table):
+        return ds.schema
     schema = ds.schema()
     arrow_schema = schema.base_schema if schema is not None and hasattr(schema, "base_schema") else None
     return arrow_schema if isinstance(arrow_schema, pa.Schema) else pa.schema([])

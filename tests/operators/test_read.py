@@ -5,7 +5,17 @@ from __future__ import annotations
 import pyarrow as pa
 
 from operators.base import QUARANTINE
-from operators.dedupe import ROW_ID, apply_decisions, digest_rows, duplicate_decisions, live_ids, repeated_ids
+from operators.dedupe import (
+    HELD,
+    ROW_ID,
+    apply_decisions,
+    digest_rows,
+    duplicate_decisions,
+    hold_repeated,
+    live_ids,
+    repeated_ids,
+    settle_duplicates,
+)
 
 
 def rows() -> pa.Table:
@@ -36,3 +46,16 @@ def test_exact_copies_keep_one_and_differing_rows_all_go():
     assert out.column(QUARANTINE).to_pylist() == [None, None, "duplicate_prompt_id",
                                                   "conflicting_duplicate_prompt_id",
                                                   "conflicting_duplicate_prompt_id", None, "empty_prompt"]
+
+
+def test_held_rows_are_the_live_ones_of_repeated_ids_and_settle_by_the_rule():
+    t = rows()
+    flagged = hold_repeated(t, pa.array(["a", "c", "d"]))
+    # d's second row is quarantined already: not held, so d's first row is not held for judging either way.
+    assert flagged.column(HELD).to_pylist() == [True, False, True, True, True, True, False]
+    held = flagged.filter(flagged.column(HELD)).drop_columns([HELD])
+    settled = settle_duplicates(held)
+    assert ROW_ID not in settled.column_names
+    assert settled.column("prompt_id").to_pylist() == ["a", "a", "c", "c", "d"]
+    assert settled.column(QUARANTINE).to_pylist() == [None, "duplicate_prompt_id", "conflicting_duplicate_prompt_id",
+                                                      "conflicting_duplicate_prompt_id", None]

@@ -31,8 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.base import QUARANTINE, Operator, Resources, with_quarantine
-from operators.generate import conversation
-from operators.score import ScoreCfg, flatten_responses, nest_responses, overall_reward
+from operators.score import ScoreCfg, nest_responses, overall_reward, to_score
 
 # Python callables are light: half a core lets a function actor share a core with the generator or the model
 # scorer on a small machine, and a pool of them spreads over a cluster's CPUs.
@@ -166,44 +165,16 @@ class FunctionScorer(Operator):
         self.aspects = function_aspects(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * n
-        messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
-        upstream = batch.column(QUARANTINE).to_pylist() if QUARANTINE in batch.column_names else [None] * n
-        responses = batch.column("responses").combine_chunks()
-        flat, rows, offsets = flatten_responses(responses)
-        names = [t.name for t in flat.type]
-        m = len(flat)
-        texts = flat.field("text").to_pylist()
-        problems = flat.field("problem").to_pylist() if "problem" in names else [None] * m
+        b = to_score(batch)
+        flat, names, texts, problems, todo = b.flat, b.names, b.texts, b.problems, b.todo
+        m = len(texts)
         details = flat.field("problem_detail").to_pylist() if "problem_detail" in names else [None] * m
-
-        row_reasons: list[str | None] = [None] * n
-        prompt_text: list[str | None] = [None] * n
-        for i in range(n):
-            if upstream[i] is not None:
-                continue  # set aside upstream: keeps its reason, runs no function
-            conv = conversation(prompts[i], messages[i])
-            if conv is None:
-                row_reasons[i] = "missing_prompt"
-            elif offsets[i] == offsets[i + 1]:
-                row_reasons[i] = "no_responses"
-            else:
-                prompt_text[i] = prompts[i] if prompts[i] is not None else "\n".join(c["content"] for c in conv)
-        todo = []
-        for f, row in enumerate(rows):
-            if prompt_text[row] is None or problems[f] is not None:
-                continue  # a quarantined row's, or an already failed response: left as it is
-            if texts[f] is None:
-                problems[f] = "missing_response"
-            else:
-                todo.append(f)
 
         other = [c for c in batch.column_names if c not in ("responses", QUARANTINE)]
         row_dicts = batch.select(other).to_pylist() if any(f.wants_row for f in self.functions) else None
-        values, probs, dets = apply_functions(self.functions, [prompt_text[rows[f]] for f in todo],
+        values, probs, dets = apply_functions(self.functions, [b.prompt_text[b.rows[f]] for f in todo],
                                               [texts[f] for f in todo],
-                                              [row_dicts[rows[f]] for f in todo] if row_dicts else None)
+                                              [row_dicts[b.rows[f]] for f in todo] if row_dicts else None)
         fvalues = np.full((m, len(self.functions)), np.nan)
         fvalues[todo] = values
         for k, f in enumerate(todo):
@@ -237,8 +208,8 @@ class FunctionScorer(Operator):
         fields["problem_detail"] = pa.array(details, type=pa.string())
         new_flat = pa.StructArray.from_arrays(list(fields.values()), names=list(fields))
         out = batch.set_column(batch.column_names.index("responses"), "responses",
-                               nest_responses(responses, new_flat, offsets))
-        return with_quarantine(out, row_reasons)
+                               nest_responses(b.responses, new_flat, b.offsets))
+        return with_quarantine(out, b.row_reasons)
 
     def _model_aspects(self, flat: pa.StructArray, names: list[str], m: int) -> tuple[list[str], np.ndarray]:
         """The aspects a model scorer already wrote into the structs, as (names, (responses, aspects)); a

@@ -229,6 +229,57 @@ def nest_responses(responses: pa.Array, flat: pa.StructArray, offsets: np.ndarra
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), flat, mask=mask)
 
 
+@dataclass
+class ToScore:
+    """What every scorer reads first from a batch: its responses flattened, which prompt rows cannot be
+    scored and why, and which responses to score."""
+
+    responses: pa.Array  # the batch's `responses` column, one chunk
+    flat: pa.StructArray  # every response struct, row-major
+    names: list[str]  # the structs' field names
+    rows: np.ndarray  # each response's prompt row
+    offsets: np.ndarray
+    texts: list[str | None]
+    problems: list[str | None]  # per response: null, or why it is not scored (one found upstream stays)
+    convs: list[list[dict[str, str]] | None]  # per row: the prompt as a chat; None for a row not scored
+    prompt_text: list[str | None]  # per row: the prompt as one text (the turns joined for messages)
+    row_reasons: list[str | None]  # per row: why it is quarantined here (upstream reasons are kept apart)
+    todo: list[int]  # flat indices of the responses to score
+
+
+def to_score(batch: pa.Table) -> ToScore:
+    n = batch.num_rows
+    prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * n
+    messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
+    upstream = batch.column(QUARANTINE).to_pylist() if QUARANTINE in batch.column_names else [None] * n
+    responses = batch.column("responses").combine_chunks()
+    flat, rows, offsets = flatten_responses(responses)
+    names = [t.name for t in flat.type]
+    texts = flat.field("text").to_pylist()
+    # A problem found upstream (the JSONL reader's wrong-typed response) stays, and is not scored.
+    problems = flat.field("problem").to_pylist() if "problem" in names else [None] * len(texts)
+    out = ToScore(responses, flat, names, rows, offsets, texts, problems, [None] * n, [None] * n, [None] * n, [])
+    for i in range(n):
+        if upstream[i] is not None:
+            continue  # set aside upstream: keeps its reason, costs no scoring
+        conv = conversation(prompts[i], messages[i])
+        if conv is None:
+            out.row_reasons[i] = "missing_prompt"
+        elif offsets[i] == offsets[i + 1]:
+            out.row_reasons[i] = "no_responses"  # a null or empty list: nothing to score or compare
+        else:
+            out.convs[i] = conv
+            out.prompt_text[i] = prompts[i] if prompts[i] is not None else "\n".join(c["content"] for c in conv)
+    for f, (row, text) in enumerate(zip(rows, texts, strict=True)):
+        if out.convs[row] is None or problems[f] is not None:
+            continue  # a quarantined row's responses are left unscored
+        if text is None:
+            problems[f] = "missing_response"
+        else:
+            out.todo.append(f)
+    return out
+
+
 SCORE_FIELDS = ("overall", "len", "scores", "problem")
 
 
@@ -258,37 +309,9 @@ class RewardScorer(Operator):
                                        cfg.overall)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * n
-        messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
-        upstream = batch.column(QUARANTINE).to_pylist() if QUARANTINE in batch.column_names else [None] * n
-        responses = batch.column("responses").combine_chunks()
-        flat, rows, offsets = flatten_responses(responses)
-        texts = flat.field("text").to_pylist()
-
-        row_reasons: list[str | None] = [None] * n
-        convs: list[list[dict[str, str]] | None] = [None] * n
-        for i in range(n):
-            if upstream[i] is not None:
-                continue  # set aside upstream: keeps its reason, costs no scoring
-            convs[i] = conversation(prompts[i], messages[i])
-            if convs[i] is None:
-                row_reasons[i] = "missing_prompt"
-            elif offsets[i] == offsets[i + 1]:
-                row_reasons[i] = "no_responses"  # a null or empty list: nothing to score or compare
-        # A problem found upstream (the JSONL reader's wrong-typed response) stays, and is not scored.
-        names = [t.name for t in flat.type]
-        problems = flat.field("problem").to_pylist() if "problem" in names else [None] * len(texts)
-        todo: list[int] = []  # flat indices to score
-        for f, (row, text) in enumerate(zip(rows, texts, strict=True)):
-            if convs[row] is None or problems[f] is not None:
-                continue  # a quarantined row's responses are left unscored
-            if text is None:
-                problems[f] = "missing_response"
-            else:
-                todo.append(f)
-
-        values = self.score_texts([convs[rows[f]] for f in todo], [prompts[rows[f]] for f in todo],
+        b = to_score(batch)
+        flat, names, texts, problems, todo = b.flat, b.names, b.texts, b.problems, b.todo
+        values = self.score_texts([b.convs[b.rows[f]] for f in todo], [b.prompt_text[b.rows[f]] for f in todo],
                                   [texts[f] for f in todo])
         m = len(texts)
         all_values = np.full((m, values.shape[1]), np.nan)
@@ -312,17 +335,15 @@ class RewardScorer(Operator):
         fields["problem"] = pa.array(problems, type=pa.string())
         new_flat = pa.StructArray.from_arrays(list(fields.values()), names=list(fields))
         out = batch.set_column(batch.column_names.index("responses"), "responses",
-                               nest_responses(responses, new_flat, offsets))
-        return with_quarantine(out, row_reasons)
+                               nest_responses(b.responses, new_flat, b.offsets))
+        return with_quarantine(out, b.row_reasons)
 
-    def score_texts(self, convs: list[list[dict[str, str]]], prompts: list[str | None],
+    def score_texts(self, convs: list[list[dict[str, str]]], prompt_text: list[str],
                     texts: list[str]) -> np.ndarray:
         """(responses, outputs of every model side by side) float64: a scalar model gives column 0."""
         width = sum(m.num_labels for m in self.models)
         if not texts:
             return np.empty((0, width))
-        prompt_text = [p if p is not None else "\n".join(c["content"] for c in conv)
-                       for p, conv in zip(prompts, convs, strict=True)]
         with self._tokenizers_busy:
             encoded = [[m.encode(conv, p, t, self.cfg.max_length)
                         for conv, p, t in zip(convs, prompt_text, texts, strict=True)] for m in self.models]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -52,14 +51,14 @@ from benchmarks.common import (
     run_contender,
     tree_cpu_seconds,
 )
+from benchmarks.duckdb_baseline import CURATE_SQL, compare_stats, run_duckdb
+from benchmarks.ray_data_stats import operator_stats
 
 K = 4
 FILES = 8
 ASPECTS = ("helpfulness", "correctness", "coherence")
 FRACTION = 0.1
 TEXT_COLUMNS = ("prompt", "responses", "messages", "best_response", "worst_response", "chosen", "rejected")
-COMPARED = ("n", "reward_mean", "reward_std", "pvar", "margin", "best_idx", "worst_idx", "score_best",
-            "score_worst", "len_corr", "pd")
 WORDS = ("the of and to in is that for it as with was on be by this are or from at an which have not can "
          "model answer data function value result example question code return time first because would "
          "each should between number string list error using python where when system however also these "
@@ -135,34 +134,6 @@ def write_rated(out_dir: Path, prompts: int, seed: int = 0) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Contenders (each in its own process)
 # ----------------------------------------------------------------------------------------------------------
-
-
-# Ray Data's all-to-all operators, as their names appear in the stats; each moves every column it is given.
-SHUFFLE_OPS = {"Repartition", "RandomShuffle", "HashShuffle", "Sort", "Aggregate", "HashAggregate", "Join", "Zip",
-               "GroupBy", "Unique"}
-OPERATOR = re.compile(r"^Operator \d+ (?P<name>.+?): (?:(?P<tasks>\d+) tasks executed, )?(?:(?P<blocks>\d+) blocks "
-                      r"produced(?: in (?P<seconds>[\d.]+)s)?|executed in (?P<executed>[\d.]+)s)")
-TOTAL = re.compile(r"\* Output (?P<what>num rows|size bytes) per block: .* (?P<total>\d+) total")
-REMOTE = re.compile(r"\* Remote wall time: .* (?P<total>[\d.]+)(?P<unit>us|ms|s) total")
-
-
-def operator_stats(text: str) -> list[dict]:
-    """Ray Data's execution stats (`Dataset.stats()`), one dict per operator: its name, the seconds from its
-    first task's start to its last one's end, the remote wall time its tasks summed, and its output rows and
-    bytes. A shuffle shows up as its own operator (Repartition, HashShuffle, Aggregate, Sort, ...)."""
-    ops: list[dict] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if m := OPERATOR.match(line):
-            ops.append({"op": m["name"], "tasks": int(m["tasks"] or 0),
-                        "seconds": float(m["seconds"] or m["executed"] or 0.0)})
-        elif ops and (m := TOTAL.match(line)):
-            ops[-1]["rows" if m["what"] == "num rows" else "bytes"] = int(m["total"])
-        elif ops and (m := REMOTE.match(line)):
-            ops[-1]["task_s"] = round(float(m["total"]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m["unit"]], 3)
-    for op in ops:
-        op["shuffle"] = any(part.split("(")[0] in SHUFFLE_OPS for part in op["op"].split("->"))
-    return ops
 
 
 def run_prefsift(data: str, out: str, object_store_gb: float) -> dict:
@@ -250,63 +221,8 @@ def run_floor(out: str, executions: int, object_store_gb: float) -> dict:
             "seconds": init_s + sum(each)}
 
 
-DUCKDB_SQL = """
-CREATE TEMP TABLE raw AS
-  SELECT prompt_id, prompt, source, responses, hash(prompt, source, responses) AS h
-  FROM read_parquet('{data}/*.parquet');
--- Duplicate ids: an exact copy keeps one row; an id whose rows differ loses all of them.
-CREATE TEMP TABLE kept AS
-  SELECT DISTINCT ON (prompt_id) prompt_id, prompt, source, responses FROM raw
-  WHERE prompt_id IN (SELECT prompt_id FROM raw GROUP BY prompt_id HAVING count(DISTINCT h) = 1);
-CREATE TEMP TABLE resp AS
-  SELECT prompt_id, i - 1 AS sample_idx, r.text AS text, length(r.text) AS len, r.overall AS reward,
-         r.scores.helpfulness AS h, r.scores.correctness AS c, r.scores.coherence AS o
-  FROM (SELECT prompt_id, unnest(responses) AS r, generate_subscripts(responses, 1) AS i FROM kept);
-CREATE TEMP TABLE stats AS
-  WITH norms AS (SELECT avg(h) mh, stddev_pop(h) sh, avg(c) mc, stddev_pop(c) sc, avg(o) mo, stddev_pop(o) so
-                 FROM resp),
-  g AS (
-    SELECT prompt_id, count(*) AS n, avg(reward) AS reward_mean, stddev_pop(reward) AS reward_std,
-           list(reward) AS rs, max(reward) AS score_best, min(reward) AS score_worst,
-           arg_max(sample_idx, reward) AS best_idx, arg_min(sample_idx, reward) AS worst_idx,
-           arg_max(text, reward) AS best_response, arg_min(text, reward) AS worst_response,
-           corr(reward, len) AS len_corr,
-           arg_max(h, reward) hb, arg_min(h, reward) hw, arg_max(c, reward) cb, arg_min(c, reward) cw,
-           arg_max(o, reward) ob, arg_min(o, reward) ow
-    FROM resp GROUP BY prompt_id)
-  SELECT g.prompt_id, k.prompt, n, reward_mean, reward_std,
-         list_sum(list_transform(rs, lambda x: list_sum(list_transform(rs, lambda y: tanh((x - y) / 2) ^ 2))))
-           / 4 / (n * (n - 1)) AS pvar,
-         score_best - score_worst AS margin, best_idx, worst_idx, score_best, score_worst,
-         best_response, worst_response, len_corr,
-         ((hw - hb) / sh + (cw - cb) / sc + (ow - ob) / so) / 3 AS pd
-  FROM g JOIN kept k USING (prompt_id), norms;
-COPY (SELECT * EXCLUDE (prompt) FROM stats) TO '{out}/stats' (FORMAT parquet, PER_THREAD_OUTPUT true);
-CREATE TEMP TABLE selected AS
-  SELECT * FROM stats ORDER BY pvar DESC
-  LIMIT (SELECT greatest(1, floor({fraction} * count(*) + 0.5)) FROM stats);
-COPY (SELECT prompt, best_response AS chosen, worst_response AS rejected, prompt_id, score_best AS score_chosen,
-             score_worst AS score_rejected, margin, pvar
-      FROM selected WHERE best_idx <> worst_idx AND best_response <> worst_response)
-  TO '{out}/pairs' (FORMAT parquet, PER_THREAD_OUTPUT true);
-COPY (SELECT prompt_id FROM selected) TO '{out}/selection' (FORMAT parquet, PER_THREAD_OUTPUT true);
-"""
-
-
-def run_duckdb(data: str, out: str, memory_gb: float | None) -> dict:
-    import duckdb
-
-    con = duckdb.connect()
-    if memory_gb:  # on a shared machine: DuckDB spills its temporary tables to disk past this
-        con.execute(f"SET memory_limit = '{memory_gb}GB'")
-        con.execute(f"SET temp_directory = '{out}/duckdb_tmp'")
-    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]  # type: ignore[index]
-    with MemorySampler() as mem:
-        c0, t0 = tree_cpu_seconds(), time.perf_counter()
-        con.execute(DUCKDB_SQL.format(data=data, out=out, fraction=FRACTION))
-        seconds = time.perf_counter() - t0
-        cpu = tree_cpu_seconds() - c0
-    return {"seconds": seconds, "cpu_s": cpu, "threads": threads, "memory_limit_gb": memory_gb, **mem.figures()}
+def run_duckdb_job(data: str, out: str, memory_gb: float | None) -> dict:
+    return run_duckdb(CURATE_SQL.format(data=data, out=out, fraction=FRACTION), memory_gb, f"{out}/duckdb_tmp")
 
 
 def run_select_keys(prompts: int) -> dict:
@@ -338,26 +254,17 @@ def run_select_keys(prompts: int) -> dict:
 
 
 def compare(prefsift_run: str, duck_out: str) -> dict:
+    """The statistics on every prompt (duckdb_baseline.compare_stats), then the selections as sets."""
     import duckdb
 
+    out = compare_stats(f"{prefsift_run}/stats/*.parquet", f"{duck_out}/stats/*.parquet")
     con = duckdb.connect()
-    a, b = f"read_parquet('{prefsift_run}/stats/*.parquet')", f"read_parquet('{duck_out}/stats/*.parquet')"
-    diffs = ", ".join(f"max(abs(a.{c} - b.{c})) AS {c}" for c in COMPARED)
-    row = con.execute(f"SELECT count(*), {diffs}, sum((a.best_response <> b.best_response)::INT) "
-                      f"FROM {a} a JOIN {b} b USING (prompt_id)").fetchone()
-    out = dict(zip(["joined", *COMPARED, "best_response_mismatch"], row, strict=True))  # type: ignore[arg-type]
-    out["rows_prefsift"] = con.execute(f"SELECT count(*) FROM {a}").fetchone()[0]  # type: ignore[index]
-    out["rows_duckdb"] = con.execute(f"SELECT count(*) FROM {b}").fetchone()[0]  # type: ignore[index]
     mine = {r[0] for r in con.execute(f"SELECT prompt_id FROM read_parquet('{prefsift_run}/selection/*.parquet') "
                                       f"WHERE selected").fetchall()}
     theirs = {r[0] for r in con.execute(f"SELECT prompt_id FROM read_parquet('{duck_out}/selection/*.parquet')")
               .fetchall()}
     out["selected"] = len(mine)
     out["selection_same"] = mine == theirs
-    worst = max(float(out[c] or 0.0) for c in COMPARED)
-    out["max_abs_diff"] = worst
-    out["agree"] = bool(out["rows_prefsift"] == out["rows_duckdb"] == out["joined"] and worst < 1e-9
-                        and out["best_response_mismatch"] == 0)
     return out
 
 
@@ -386,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         result(run_prefsift(args.data, args.out, args.object_store_gb))
         return 0
     if args.contender == "duckdb":
-        result(run_duckdb(args.data, args.out, args.duckdb_memory_gb))
+        result(run_duckdb_job(args.data, args.out, args.duckdb_memory_gb))
         return 0
     if args.contender == "floor":
         result(run_floor(args.out, args.executions, args.object_store_gb))

@@ -43,13 +43,12 @@ from benchmarks.common import (
     run_contender,
     tree_cpu_seconds,
 )
+from benchmarks.duckdb_baseline import STATS_SQL, compare_stats, run_duckdb
 
 K = 4
 ASPECTS = ("helpfulness", "correctness")
 TAU = 1.0
 ROWS_PER_SHARD = 500_000
-COMPARED = ("n", "reward_mean", "reward_std", "pvar", "margin", "best_idx", "worst_idx", "score_best",
-            "score_worst", "len_corr", "pd")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,57 +136,8 @@ def run_ray_floor(data: str, rows: int) -> dict:
     return {"read_s": read_s, "seconds": read_s}
 
 
-DUCKDB_SQL = """
-COPY (
-  WITH resp AS (
-    SELECT prompt_id, r.sample_idx AS sample_idx, r.text AS response, r.overall AS reward, r.len AS response_len,
-           r.scores.helpfulness AS reward__helpfulness, r.scores.correctness AS reward__correctness
-    FROM (SELECT prompt_id, unnest(responses) AS r FROM read_parquet('{data}/*.parquet'))
-  ),
-  norms AS (
-    SELECT avg(reward__helpfulness) AS mh, stddev_pop(reward__helpfulness) AS sh,
-           avg(reward__correctness) AS mc, stddev_pop(reward__correctness) AS sc
-    FROM resp
-  ),
-  g AS (
-    SELECT prompt_id,
-           count(*) AS n,
-           avg(reward) AS reward_mean,
-           stddev_pop(reward) AS reward_std,
-           list(reward) AS rs,
-           max(reward) AS score_best, min(reward) AS score_worst,
-           arg_max(sample_idx, reward) AS best_idx, arg_min(sample_idx, reward) AS worst_idx,
-           arg_max(response, reward) AS best_response, arg_min(response, reward) AS worst_response,
-           corr(reward, response_len) AS len_corr,
-           arg_max(reward__helpfulness, reward) AS hb, arg_min(reward__helpfulness, reward) AS hw,
-           arg_max(reward__correctness, reward) AS cb, arg_min(reward__correctness, reward) AS cw
-    FROM resp
-    GROUP BY prompt_id
-  )
-  SELECT prompt_id, n, reward_mean, reward_std,
-         -- PVar U-statistic over ordered pairs: (sigmoid(d) - 1/2)^2 = tanh(d/2)^2 / 4; the diagonal is 0
-         CASE WHEN n >= 2 THEN list_sum(list_transform(rs, lambda x:
-              list_sum(list_transform(rs, lambda y: tanh((x - y) / (2 * {tau})) ^ 2)))) / 4 / (n * (n - 1))
-         END AS pvar,
-         score_best - score_worst AS margin, best_idx, worst_idx, score_best, score_worst,
-         best_response, worst_response, len_corr,
-         ((hw - hb) / sh + (cw - cb) / sc) / 2 AS pd
-  FROM g, norms
-) TO '{out}' (FORMAT parquet, PER_THREAD_OUTPUT true)
-"""
-
-
-def run_duckdb(data: str, out: str) -> dict:
-    import duckdb
-
-    con = duckdb.connect()
-    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]  # type: ignore[index]
-    with MemorySampler() as mem:
-        c0, t0 = tree_cpu_seconds(), time.perf_counter()
-        con.execute(DUCKDB_SQL.format(data=data, out=out, tau=TAU))
-        seconds = time.perf_counter() - t0
-        cpu = tree_cpu_seconds() - c0
-    return {"seconds": seconds, "cpu_s": cpu, "threads": threads, **mem.figures()}
+def run_duckdb_job(data: str, out: str) -> dict:
+    return run_duckdb(STATS_SQL.format(data=data, out=out, tau=TAU))
 
 
 def run_pandas(data: str, out: str, max_prompts: int | None) -> dict:
@@ -233,24 +183,7 @@ def run_pandas(data: str, out: str, max_prompts: int | None) -> dict:
 
 
 def compare(a_dir: str, b_dir: str) -> dict:
-    """Max |difference| per statistic between two outputs, joined on prompt_id (every prompt, not a sample)."""
-    import duckdb
-
-    con = duckdb.connect()
-    diffs = ", ".join(f"max(abs(a.{c} - b.{c})) AS {c}" for c in COMPARED)
-    q = (f"SELECT count(*) AS joined, {diffs}, "
-         f"sum((a.best_response <> b.best_response)::INT) AS best_response_mismatch "
-         f"FROM read_parquet('{a_dir}/*.parquet') a JOIN read_parquet('{b_dir}/*.parquet') b USING (prompt_id)")
-    row = con.execute(q).fetchone()
-    names = ["joined", *COMPARED, "best_response_mismatch"]
-    out = dict(zip(names, row, strict=True))  # type: ignore[arg-type]
-    out["rows_a"] = con.execute(f"SELECT count(*) FROM read_parquet('{a_dir}/*.parquet')").fetchone()[0]  # type: ignore[index]
-    out["rows_b"] = con.execute(f"SELECT count(*) FROM read_parquet('{b_dir}/*.parquet')").fetchone()[0]  # type: ignore[index]
-    worst = max(float(out[c] or 0.0) for c in COMPARED)
-    out["max_abs_diff"] = worst
-    out["agree"] = bool(out["rows_a"] == out["rows_b"] == out["joined"] and worst < 1e-9
-                        and out["best_response_mismatch"] == 0)
-    return out
+    return compare_stats(f"{a_dir}/*.parquet", f"{b_dir}/*.parquet")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.contender == "ray-floor":
             result(run_ray_floor(args.data, rows))
         elif args.contender == "duckdb":
-            result(run_duckdb(args.data, args.out))
+            result(run_duckdb_job(args.data, args.out))
         else:
             result(run_pandas(args.data, args.out, args.max_prompts))
         return 0

@@ -218,14 +218,15 @@ def first_draws(k_max: np.ndarray | int, cfg: AdaptiveCfg) -> np.ndarray:
     return np.minimum(np.asarray(k_max, dtype=np.int64), cfg.k0)
 
 
-def decide(rewards, drawn, active, cfg: AdaptiveCfg, k_max=None) -> np.ndarray:
+def decide(rewards, drawn, active, cfg: AdaptiveCfg, k_max=None, rule: Rule | None = None) -> np.ndarray:
     """Which prompts continue into the next round (bool per prompt).
 
     `rewards`: per prompt the rewards of the samples drawn so far (a NaN-padded matrix, or lists with None
     for a sample without a valid reward); `drawn`: samples drawn per prompt, valid or not; `active`:
     continued in the previous round (all True in the first; read by `rank`, and by `ucb` without `resume`);
-    `k_max`: the cap per prompt (an int or one per prompt; default cfg.k_max). A prompt at its cap never
-    continues."""
+    `k_max`: the cap per prompt (an int or one per prompt; default cfg.k_max); `rule`: in place of
+    RULES[cfg.rule] (the simulation's oracle reference, which needs the data's full responses). A prompt at
+    its cap never continues."""
     R = rewards if isinstance(rewards, np.ndarray) and rewards.ndim == 2 else padded(rewards)
     R = np.asarray(R, dtype=np.float64)
     drawn = np.asarray(drawn, dtype=np.int64)
@@ -237,7 +238,7 @@ def decide(rewards, drawn, active, cfg: AdaptiveCfg, k_max=None) -> np.ndarray:
         raise ValueError(f"decide: {R.shape[0]} reward rows, {drawn.size} counts and {active.size} flags differ")
     cap = np.broadcast_to(np.asarray(cap, dtype=np.int64), drawn.shape)
     state = RoundState(rewards=R, estimates=pvar_estimates(R, cfg.tau), active=active, cap=cap)
-    return RULES[cfg.rule](state, cfg) & (drawn < cap)
+    return (rule or RULES[cfg.rule])(state, cfg) & (drawn < cap)
 
 
 def next_draws(drawn, go: np.ndarray, cfg: AdaptiveCfg, k_max) -> np.ndarray:

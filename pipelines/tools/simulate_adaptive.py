@@ -11,6 +11,11 @@ by the PVar estimate on what was drawn, and compares with the top `fraction` by 
 
 Settings: the grid below, in which every `adaptive.<key>` given (in the config or as an override) pins that
 key. Output: a table, then one JSON line per setting.
+
+`oracle=[alpha, ...]` adds a reference no real run can use: a prompt continues while its probability of being
+in the full-K selection, given how many samples it drew and its PVar estimate, is at least alpha, with that
+probability learned from the same data's full responses. It shows how close a rule is to what that
+information allows (in-sample, so an optimistic reference rather than a proven bound).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import numpy as np
 from operators.adaptive import (
     RULE_PARAM,
     AdaptiveCfg,
+    RoundState,
+    Rule,
     check_cfg,
     decide,
     first_draws,
@@ -55,6 +62,11 @@ class GridCfg:
 class SimulateCfg:
     repeats: int = 20  # random draw orders per setting
     seed: int = 0
+    # levels alpha of the oracle reference (rule "oracle", simulation only): a prompt continues while the
+    # probability that it is in the full-K selection, given its samples drawn and its PVar estimate, is at
+    # least alpha, that probability learned from the data's full responses. [] runs none.
+    oracle: list[float] = field(default_factory=list)
+    oracle_draws: int = 200  # draw orders per prompt that the oracle's probabilities are learned from
     adaptive: AdaptiveCfg = field(default_factory=AdaptiveCfg)
     grid: GridCfg = field(default_factory=GridCfg)
 
@@ -125,14 +137,15 @@ def first_n(order: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.where(np.arange(width)[None, :] < n[:, None], order[:, :width], np.nan)
 
 
-def replay(order: np.ndarray, counts: np.ndarray, cfg: AdaptiveCfg) -> tuple[np.ndarray, int]:
-    """Samples drawn per prompt when the rounds run over `order`, and the number of rounds."""
+def replay(order: np.ndarray, counts: np.ndarray, cfg: AdaptiveCfg, rule: Rule | None = None) -> tuple[np.ndarray, int]:
+    """Samples drawn per prompt when the rounds run over `order` (with `rule` in place of cfg.rule's), and the
+    number of rounds."""
     cap = counts if cfg.k_max is None else np.minimum(counts, cfg.k_max)
     n = first_draws(cap, cfg)
     active = np.ones(counts.size, dtype=bool)
     rounds = 1
     while True:
-        go = decide(first_n(order, n), n, active, cfg, k_max=cap)
+        go = decide(first_n(order, n), n, active, cfg, k_max=cap, rule=rule)
         if not go.any():
             return n, rounds
         n, active, rounds = n + next_draws(n, go, cfg, cap), go, rounds + 1
@@ -150,7 +163,61 @@ def top_set(estimates: np.ndarray, tb: np.ndarray, k: int) -> np.ndarray:
     return rank_by(estimates, tb, descending=True) < k
 
 
-def simulate(data: Rewards, cfg: AdaptiveCfg, repeats: int, seed: int) -> dict:
+def reference(data: Rewards, cfg: AdaptiveCfg) -> tuple[np.ndarray, np.ndarray]:
+    """The full-K PVar per prompt and the full-K selection (pvar_top's ties by hash)."""
+    full = pvar_estimates(data.matrix, cfg.tau)
+    k = Budget(fraction=cfg.fraction).size(full.size)
+    return full, top_set(full, tiebreak(data.prompt_ids, 0), k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The oracle reference: what a rule that sees (samples drawn, PVar estimate) could do at best
+# ----------------------------------------------------------------------------------------------------------
+
+
+def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Non-decreasing weighted least-squares fit of y (pool adjacent violators)."""
+    vals, wts, sizes = [], [], []
+    for v, wt in zip(y.tolist(), w.tolist(), strict=True):
+        vals.append(v), wts.append(wt), sizes.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            wsum = wts[-2] + wts[-1]
+            vals[-2:] = [(vals[-2] * wts[-2] + vals[-1] * wts[-1]) / wsum]
+            wts[-2:], sizes[-2:] = [wsum], [sizes[-2] + sizes[-1]]
+    return np.repeat(vals, sizes)
+
+
+def oracle_thresholds(data: Rewards, cfg: AdaptiveCfg, alpha: float, draws: int, seed: int) -> dict[int, float]:
+    """Per number of samples m: the lowest PVar estimate at which P(in the full-K selection | m, estimate) is
+    at least `alpha`. The probability is the isotonic fit of the selection indicator on the m-sample estimate
+    over `draws` random draw orders of every prompt with more than m responses; inf where none reaches alpha.
+    Only the counts a round can see below a cap: k0, k0 + step, ..."""
+    full, ref = reference(data, cfg)
+    hit = full >= full[ref].min()  # as `recall` counts a hit: ties with the selection's lowest count
+    rng = np.random.default_rng([seed, 1 << 20])
+    orders = [draw_order(data, rng) for _ in range(draws)]
+    out = {}
+    for m in range(cfg.k0, int(data.counts.max()), cfg.step):
+        rows = data.counts > m
+        est = np.concatenate([pvar_estimates(o[rows, :m], cfg.tau) for o in orders])
+        y = np.tile(hit[rows], draws).astype(np.float64)
+        u, inv = np.unique(est, return_inverse=True)
+        p = isotonic(np.bincount(inv, weights=y) / np.bincount(inv), np.bincount(inv).astype(np.float64))
+        ok = np.flatnonzero(p >= alpha)
+        out[m] = float(u[ok[0]]) if ok.size else math.inf
+    return out
+
+
+def oracle_rule(thresholds: dict[int, float]) -> Rule:
+    """Continue while the estimate reaches the threshold for the prompt's sample count (no estimate: continue)."""
+    def rule(state: RoundState, cfg: AdaptiveCfg) -> np.ndarray:
+        m = np.isfinite(state.rewards).sum(axis=1)
+        bar = np.array([thresholds.get(int(k), -math.inf) for k in m])
+        return ~np.isfinite(state.estimates) | (state.estimates >= bar)
+    return rule
+
+
+def simulate(data: Rewards, cfg: AdaptiveCfg, repeats: int, seed: int, rule: Rule | None = None) -> dict:
     """Mean recall and sample share over `repeats` draw orders, and the recall of the same budget spent evenly.
 
     `recall` counts a selected prompt as a hit when its full-K PVar is at least the reference set's lowest,
@@ -159,14 +226,13 @@ def simulate(data: Rewards, cfg: AdaptiveCfg, repeats: int, seed: int) -> dict:
     G = data.counts.size
     k = Budget(fraction=cfg.fraction).size(G)
     tb = tiebreak(data.prompt_ids, 0)
-    full = pvar_estimates(data.matrix, cfg.tau)
-    ref = top_set(full, tb, k)
+    full, ref = reference(data, cfg)
     floor = full[ref].min()
     out = {key: [] for key in ("recall", "recall_strict", "sample_share", "recall_even", "rounds")}
     for r in range(repeats):
         rng = np.random.default_rng([seed, r])
         order = draw_order(data, rng)
-        n, rounds = replay(order, data.counts, cfg)
+        n, rounds = replay(order, data.counts, cfg, rule)
         sel = top_set(pvar_estimates(first_n(order, n), cfg.tau), tb, k)
         even = top_set(pvar_estimates(first_n(order, even_counts(int(n.sum()), data.counts, rng)), cfg.tau), tb, k)
         out["recall"].append(float((full[sel] >= floor).sum() / k))
@@ -202,10 +268,21 @@ def settings(cfg: SimulateCfg, pinned: set[str]) -> list[AdaptiveCfg]:
     return out
 
 
-def describe(s: AdaptiveCfg) -> str:
-    key = RULE_PARAM.get(s.rule)
-    text = f"{s.rule} {key}={getattr(s, key):g}" if key else s.rule
-    return text + " resume" if s.resume and s.rule != "rank" else text
+def oracle_settings(cfg: SimulateCfg, pinned: set[str]) -> list[tuple[float, AdaptiveCfg]]:
+    """(alpha, the k0/step setting) for the oracle reference: each level over the grid's (or pinned) k0, step."""
+    def values(key: str) -> list:
+        return [getattr(cfg.adaptive, key)] if key in pinned else list(getattr(cfg.grid, key))
+
+    return [(a, dataclasses.replace(cfg.adaptive, k0=k0, step=step))
+            for a in cfg.oracle for k0 in values("k0") for step in values("step")]
+
+
+def describe(row: dict) -> str:
+    if row["rule"] == "oracle":
+        return f"oracle alpha={row['alpha']:g}"
+    key = RULE_PARAM.get(row["rule"])
+    text = f"{row['rule']} {key}={row[key]:g}" if key else row["rule"]
+    return text + " resume" if row["resume"] and row["rule"] != "rank" else text
 
 
 def run(path: str, cfg: SimulateCfg, pinned: set[str]) -> list[dict]:
@@ -216,18 +293,22 @@ def run(path: str, cfg: SimulateCfg, pinned: set[str]) -> list[dict]:
     print(f"# {os.path.basename(path)}: {data.counts.size} prompts, {int(data.counts.sum())} rated responses "
           f"({data.counts.min()}-{data.counts.max()} per prompt); skipped: {skipped}")
     print(f"# {cfg.repeats} draw orders per setting, seed {cfg.seed}")
+    runs = [(s.rule, None, s, None) for s in settings(cfg, pinned)]
+    runs += [("oracle", a, s, oracle_rule(oracle_thresholds(data, s, a, cfg.oracle_draws, cfg.seed)))
+             for a, s in oracle_settings(cfg, pinned)]
     rows = []
-    for s in settings(cfg, pinned):
+    for name, alpha, s, rule in runs:
         check_cfg(s)
-        res = simulate(data, s, cfg.repeats, cfg.seed)
-        rows.append({"data": os.path.basename(path), "prompts": int(data.counts.size), "rule": s.rule,
+        res = simulate(data, s, cfg.repeats, cfg.seed, rule)
+        rows.append({"data": os.path.basename(path), "prompts": int(data.counts.size), "rule": name,
                      "k0": s.k0, "step": s.step, "k_max": s.k_max, "keep": s.keep, "z": s.z, "resume": s.resume,
-                     "fraction": s.fraction, "tau": s.tau, "repeats": cfg.repeats, **res})
+                     "fraction": s.fraction, "tau": s.tau, "repeats": cfg.repeats,
+                     **({"alpha": alpha} if rule else {}), **res})
     head = f"{'rule':<21} {'k0':>3} {'step':>4} {'share':>6} {'recall':>7} {'sd':>6} {'strict':>7} " \
            f"{'even':>6} {'rounds':>6}"
     print(head)
     for r in rows:
-        print(f"{describe(AdaptiveCfg(rule=r['rule'], keep=r['keep'], z=r['z'], resume=r['resume'])):<21} {r['k0']:>3} "
+        print(f"{describe(r):<21} {r['k0']:>3} "
               f"{r['step']:>4} {r['sample_share']:>6.3f} {r['recall']:>7.3f} {r['recall_sd']:>6.3f} "
               f"{r['recall_strict']:>7.3f} {r['recall_even']:>6.3f} {r['rounds']:>6.1f}")
     for r in rows:
@@ -247,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = from_dict(SimulateCfg, data)
         if cfg.repeats < 1:
             raise ConfigError(f"repeats: {cfg.repeats} is not allowed (at least 1)")
+        if cfg.oracle_draws < 1:
+            raise ConfigError(f"oracle_draws: {cfg.oracle_draws} is not allowed (at least 1)")
+        for a in cfg.oracle:
+            if not 0.0 < a <= 1.0:
+                raise ConfigError(f"oracle: {a} is not allowed (a probability in (0, 1])")
         if not os.path.isfile(args.input):
             raise FileNotFoundError(f"--input: {args.input} is not a file")
         run(args.input, cfg, set(data.get("adaptive") or {}))

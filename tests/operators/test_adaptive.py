@@ -179,6 +179,13 @@ def test_decide_lists_and_matrix_agree_and_counts_checked():
         decide(ROUND, [3, 3, 4], [True] * 4, cfg, 6)
 
 
+def test_decide_takes_a_rule_in_place_of_the_registry():
+    # a rule that continues everything: every prompt below its cap continues, whatever cfg.rule says
+    everyone = decide(ROUND, [3, 3, 4, 6], [True] * 4, AdaptiveCfg(rule="rank", keep=0.1), 6,
+                      rule=lambda state, cfg: np.ones(state.estimates.size, dtype=bool))
+    assert everyone.tolist() == [True, True, True, False]
+
+
 def test_draws_per_round():
     cfg = AdaptiveCfg(k0=4, step=3)
     assert first_draws(np.array([16, 3, 4]), cfg).tolist() == [4, 3, 4]

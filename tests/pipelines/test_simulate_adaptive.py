@@ -8,10 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from operators.adaptive import AdaptiveCfg
-from pipelines.tools.simulate_adaptive import SimulateCfg, read_rewards, settings, simulate
+from pipelines.tools.simulate_adaptive import (
+    SimulateCfg,
+    isotonic,
+    oracle_rule,
+    oracle_thresholds,
+    read_rewards,
+    settings,
+    simulate,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PREFSIFT = Path(sys.executable).with_name("prefsift")
@@ -78,6 +87,39 @@ def test_adaptive_beats_the_even_budget_on_real_ratings():
     assert res["recall"] > res["recall_even"]
 
 
+def test_isotonic_pools_adjacent_violators():
+    assert isotonic(np.array([1.0, 3.0, 2.0, 4.0]), np.ones(4)).tolist() == [1.0, 2.5, 2.5, 4.0]
+    assert isotonic(np.array([3.0, 1.0]), np.array([1.0, 3.0])).tolist() == [1.5, 1.5]  # (3 + 3) / 4
+    assert isotonic(np.array([2.0, 1.0, 0.0]), np.ones(3)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_oracle_thresholds_and_replay_on_crafted_rewards(tmp_path):
+    # Every m-sample estimate of a flat prompt is 0 (never selected), of a spread prompt positive (always
+    # selected): P(selected | m, estimate) is 0 at 0 and 1 above it, so at any alpha the threshold is the
+    # lowest spread estimate over the draws, a mean of pair terms h(d) with d >= 10, so in [h(10), 1/4); the
+    # rule stops the 18 flat prompts at k0 and draws the two to the cap, as ucb does: share 0.55, recall 1.
+    data = read_rewards(str(write_rated(tmp_path / "r.jsonl.gz")))
+    cfg = AdaptiveCfg(k0=4, step=2)
+    bars = oracle_thresholds(data, cfg, alpha=0.5, draws=20, seed=0)
+    assert sorted(bars) == [4, 6]  # the counts a round sees below the cap of 8
+    h10 = (1 / (1 + np.exp(-10.0)) - 0.5) ** 2
+    assert all(h10 - 1e-12 <= b < 0.25 for b in bars.values())
+    res = simulate(data, cfg, repeats=3, seed=0, rule=oracle_rule(bars))
+    assert res["sample_share"] == pytest.approx(0.55, abs=1e-12)
+    assert res["recall"] == 1.0 and res["rounds"] == 3
+
+
+def test_oracle_on_real_ratings_is_monotone_in_alpha():
+    # a larger alpha stops more prompts: fewer samples, thresholds no lower at every m
+    data = read_rewards(str(ARENA_100))
+    cfg = AdaptiveCfg(k0=4, step=4)
+    lo, hi = (oracle_thresholds(data, cfg, alpha=a, draws=20, seed=0) for a in (0.05, 0.3))
+    assert sorted(lo) == sorted(hi) == [4, 8, 12]
+    assert all(hi[m] >= lo[m] for m in lo)
+    shares = [simulate(data, cfg, repeats=3, seed=0, rule=oracle_rule(b))["sample_share"] for b in (lo, hi)]
+    assert shares[0] > shares[1]
+
+
 def test_pinned_keys_replace_their_grid_dimension():
     cfg = SimulateCfg(adaptive=AdaptiveCfg(rule="ucb", z=2.0, step=3))
     pinned = settings(cfg, {"rule", "step"})
@@ -101,6 +143,21 @@ def test_console_script_prints_one_json_line_per_setting(tmp_path):
         assert {"recall", "recall_strict", "sample_share", "recall_even", "repeats", "rounds", "z"} <= set(r)
         assert r["repeats"] == 2 and r["recall"] == 1.0
     assert rows[0]["sample_share"] == pytest.approx(0.55, abs=1e-12)
+
+
+def test_oracle_rows_follow_the_rules_rows(tmp_path, capsys):
+    from pipelines.tools.simulate_adaptive import main
+
+    path = write_rated(tmp_path / "r.jsonl.gz")
+    assert main(["--input", str(path), "repeats=2", "adaptive.rule=ucb", "adaptive.k0=4", "adaptive.step=2",
+                 "adaptive.z=1", "oracle=[0.5]", "oracle_draws=5"]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["rule"], r.get("alpha")) for r in rows] == [("ucb", None), ("oracle", 0.5)]
+    assert rows[1]["sample_share"] == pytest.approx(0.55, abs=1e-12) and rows[1]["recall"] == 1.0
+    assert "oracle alpha=0.5" in out
+    assert main(["--input", str(path), "oracle=[0]"]) == 2
+    assert "oracle: 0" in capsys.readouterr().err
 
 
 def test_console_script_names_a_bad_key(tmp_path):

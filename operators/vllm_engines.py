@@ -148,12 +148,14 @@ class AsyncEngine:
         sched = self.engine.vllm_config.scheduler_config
         self.max_pending = 2 * sched.max_num_seqs * cfg.pipeline_parallel_size
         self._slots: asyncio.Semaphore | None = None  # made on the event loop that runs the calls
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
 
     async def generate(self, requests: list[Request], temperature: float,
                        top_p: float) -> list[tuple[list[int], str]]:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_pending)
+            self._loop = asyncio.get_running_loop()
         return list(await asyncio.gather(*(self._one(r, temperature, top_p) for r in requests)))
 
     async def _one(self, r: Request, temperature: float, top_p: float) -> tuple[list[int], str]:
@@ -170,7 +172,26 @@ class AsyncEngine:
         return _finish(final.outputs[0])
 
     def close(self) -> None:
-        self.engine.shutdown()
+        """Shut the engine down and drop it now. Left for interpreter exit, AsyncLLM.__del__ shuts it down
+        when vLLM's module globals are already gone ("Exception ignored in AsyncLLM.__del__ ... TypeError:
+        'NoneType' object is not callable"). The shutdown cancels tasks on the loop that ran the calls: a
+        loop running in another thread (Ray Data's actor) finishes them itself; an idle one (in-process use)
+        runs here until they have ended."""
+        engine, self.engine = self.engine, None
+        if engine is None:
+            return
+        loop = self._loop
+        if loop is None or loop.is_running() or loop.is_closed():
+            engine.shutdown()
+            return
+
+        async def shutdown() -> None:
+            engine.shutdown()
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            if tasks:
+                await asyncio.wait(tasks, timeout=10)
+
+        loop.run_until_complete(shutdown())
 
 
 class PoolingEngine:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import json
 import math
 import shutil
 import sys
+import weakref
 from collections import Counter
 from dataclasses import replace
 
@@ -346,7 +348,12 @@ def async_vllm(tiny_models):
     gen = Generator(_vllm_cfg(tiny_models, "async"), seed=0)
     loop = asyncio.new_event_loop()
     yield gen, loop
+    engine = weakref.ref(gen.backend.engine)
     gen.close()
+    # Shut down and freed now, its tasks ended: an AsyncLLM left for interpreter exit shuts down again in
+    # __del__ after vLLM's globals are gone ("Exception ignored ... 'NoneType' object is not callable").
+    gc.collect()
+    assert engine() is None and not asyncio.all_tasks(loop)
     loop.close()
 
 

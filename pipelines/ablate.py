@@ -99,6 +99,9 @@ def cells(cfg: AblateConfig) -> list[Cell]:
     return [Cell(r, loss, seed) for r in cfg.rules for loss in (r.losses or cfg.losses) for seed in cfg.seeds]
 
 
+CONFIG = AblateConfig  # `prefsift ablate` parses this (pipelines/tools/cli.py)
+
+
 def validate(cfg: AblateConfig) -> None:
     """Everything checkable before Ray starts."""
     from operators.select import SELECTORS
@@ -317,22 +320,6 @@ def page_html(src: RunDir, rows: list[dict[str, Any]], cfg: AblateConfig, curves
         f"<th>95% CI</th><th>prompts</th></tr>{body}</table>"
         + (f"<h2>Training curves</h2><img src='{curves}' alt='training loss per cell'>" if curves else "")
     )
-
-
-def cli(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from pipelines.runtime.config import load_config
-
-    ap = argparse.ArgumentParser(prog="prefsift ablate", description=__doc__.strip().splitlines()[0],
-                                 epilog="overrides: key.sub=value (YAML values), e.g. 'seeds=[0,1]'")
-    ap.add_argument("--config", help="YAML config file")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = ap.parse_args(argv)
-    cfg = load_config(AblateConfig, args.config, args.overrides)
-    validate(cfg)
-    main(cfg)
-    return 0
 
 
 if __name__ == "__main__":

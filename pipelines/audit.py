@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipelines.runtime.config import ConfigError, RunCfg, load_config, model_path, resolve_path, to_dict
+from pipelines.runtime.config import ConfigError, RunCfg, model_path, resolve_path, to_dict
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,9 @@ class AuditConfig:
     model: AuditModelCfg = field(default_factory=AuditModelCfg)
     audit: AuditCfg = field(default_factory=AuditCfg)
     output: AuditOutputCfg = field(default_factory=AuditOutputCfg)
+
+
+CONFIG = AuditConfig  # `prefsift audit` parses this (pipelines/tools/cli.py)
 
 
 def validate(cfg: AuditConfig) -> None:
@@ -282,21 +285,8 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], out_dir: str) -> s
     return path
 
 
-def cli(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="prefsift audit", description=__doc__.strip().splitlines()[0],
-                                 epilog="overrides: key.sub=value (YAML values), e.g. input.sample=64")
-    ap.add_argument("--config", help="YAML config file")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = ap.parse_args(argv)
-    cfg = load_config(AuditConfig, args.config, args.overrides)
-    validate(cfg)
-    main(cfg)
-    return 0
-
-
 if __name__ == "__main__":
-    from pipelines.runtime.entry import run_cli
+    # The same path as `prefsift audit`: the same checks before Ray, the same one-line errors.
+    from pipelines.tools.cli import main as prefsift
 
-    sys.exit(run_cli(cli, sys.argv[1:]))
+    sys.exit(prefsift(["audit", *sys.argv[1:]]))

@@ -269,9 +269,16 @@ def _finish(run_dir: str) -> None:
     print(f"report: {path}")
 
 
+# The override example each command's --help shows.
+EXAMPLES = {"audit": "input.sample=64", "ablate": "'seeds=[0,1]'"}
+# Commands whose module holds its typed config (CONFIG), validate() and main(), and prints its own result.
+SELF_CONTAINED = ("audit", "ablate")
+
+
 def config_command(name: str, argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog=f"prefsift {name}", description=COMMANDS[name],
-                                 epilog="overrides: key.sub=value (YAML values), e.g. select.fraction=0.1")
+                                 epilog=f"overrides: key.sub=value (YAML values), e.g. "
+                                        f"{EXAMPLES.get(name, 'select.fraction=0.1')}")
     ap.add_argument("--config", help="YAML config file")
     if name in ("curate", "run"):
         ap.add_argument("--dry-run", action="store_true",
@@ -293,6 +300,12 @@ def config_command(name: str, argv: list[str]) -> int:
 
         cfg = load_config(RunConfig, args.config, args.overrides)
         check_curate(cfg.curate)
+    elif name in SELF_CONTAINED:
+        module = importlib.import_module(f"pipelines.{name}")
+        cfg = load_config(module.CONFIG, args.config, args.overrides)
+        module.validate(cfg)
+        module.main(cfg)
+        return 0
     elif name == "train":
         from pipelines import train_dpo
 
@@ -337,8 +350,6 @@ def dispatch(argv: list[str]) -> int:
         return 2
     if cmd == "simulate-adaptive":
         return importlib.import_module("pipelines.tools.simulate_adaptive").main(rest)
-    if cmd in ("audit", "ablate"):
-        return importlib.import_module(f"pipelines.{cmd}").cli(rest)
     if cmd in ("report", "compare"):
         return importlib.import_module(f"pipelines.reporting.{cmd}").main(rest)
     return config_command(cmd, rest)

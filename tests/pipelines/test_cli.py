@@ -103,6 +103,18 @@ def test_missing_input_is_one_line(tmp_path, capsys, no_ray):
     assert rc == 2 and "input.path" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, example", [("ablate", "'seeds=[0,1]'"), ("audit", "input.sample=64")])
+def test_ablate_and_audit_parse_like_every_command(command, example, capsys, no_ray):
+    """The same --help shape, and an unknown key is one line with exit code 2, before Ray."""
+    with pytest.raises(SystemExit) as exit_help:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_help.value.code == 0 and f"prefsift {command}" in out and example in out
+    assert main([command, "no.such_key=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no" in err[0] and "Traceback" not in err[0]
+
+
 def test_unknown_command(capsys):
     assert main(["curat"]) == 2
     assert "did you mean 'curate'?" in capsys.readouterr().err

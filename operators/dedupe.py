@@ -53,7 +53,9 @@ def read_parquet_keyed(path: str, limit: int | None = None):
     it, so that two reads of the same files name every row alike."""
     import ray
 
-    ds = ray.data.read_parquet(path, include_row_hash=True)
+    # One read task per file (as in `read_stage`): more would split each file's blocks apart from the map.
+    files = max(1, len(list_files(path, extensions=("parquet",))))
+    ds = ray.data.read_parquet(path, include_row_hash=True, override_num_blocks=files)
     if limit is not None:
         ds = ds.limit(limit)
     return ds.map_batches(_row_hash_as_id, batch_format="pyarrow")

@@ -179,9 +179,13 @@ class SplitSink(Datasink):
 
 
 def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
+    """A stage's shards as a dataset, one read task per shard: a stage writes a few large shards (one per write
+    task), and more read tasks than shards would split each file's blocks in an operator of its own, which the
+    next map cannot fuse with, and start a task per piece."""
     import ray
 
-    return ray.data.read_parquet(run.path(stage), filesystem=run.fs, columns=columns, file_extensions=["parquet"])
+    return ray.data.read_parquet(run.path(stage), filesystem=run.fs, columns=columns, file_extensions=["parquet"],
+                                 override_num_blocks=max(1, len(stage_files(run, stage))))
 
 
 def read_columns(run: RunDir, stage: str, columns: list[str]) -> pa.Table:

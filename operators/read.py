@@ -86,7 +86,10 @@ def read_input(path: str, fmt: str = "auto", limit: int | None = None, peek_line
         # `limit` must take the same rows every run: keep file order for this read.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     if fmt == "parquet":
-        ds = ray.data.read_parquet(path)
+        from operators.jsonl import list_files
+
+        # One read task per file (see pipelines/runtime/stages.py, read_stage).
+        ds = ray.data.read_parquet(path, override_num_blocks=max(1, len(list_files(path, extensions=("parquet",)))))
     elif fmt == "jsonl":
         from operators.jsonl import JsonlDatasource, peek_columns
 

@@ -11,9 +11,15 @@ draw again. With `adaptive.resume` a prompt that stopped can come back, so a rou
 the rows, from whichever round folder holds a continuing prompt's latest row, filtered by an `is_in` on the
 ids (one id array in the object store, read by every block). Nothing is shuffled.
 
+The generator and the model scorer are residents (operators/resident.py): their actors are made when the
+first round runs, serve every round, and end after the last one, so each round costs no engine or model
+start-up. Round 0 asks the generator for sample_idx 0 .. k0-1 through the same per-row columns as later
+rounds, so one generator (configured for k_max) serves them all.
+
 Each round has its own fingerprint, chained from the one before: a rerun skips the completed rounds and
-rebuilds the decisions from their key columns. Sample j has the seed sample_seed(run seed, prompt_id, j)
-whichever round draws it, so a prompt that reaches k_max has the samples a full run would give it.
+rebuilds the decisions from their key columns, and starts no resident if every round is done. Sample j
+has the seed sample_seed(run seed, prompt_id, j) whichever round draws it, so a prompt that reaches k_max
+has the samples a full run would give it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import pyarrow.parquet as pq
 from operators.adaptive import AdaptiveCfg, check_cfg, decide
 from operators.base import apply
 from operators.generate import N_TARGET, SAMPLE_START, Generator, generator_resources
+from operators.resident import Residents
 from operators.reward_functions import FunctionScorer, function_scorer_resources, model_score_cfg
 from operators.score import RewardScorer, ScoreCfg, flatten_responses, scorer_resources
 from operators.select import DEFAULT_FRACTION
@@ -153,9 +160,25 @@ def merge_prior(table: pa.Table) -> pa.Table:
     return out.append_column("responses", merged)
 
 
-def score(ds, cfg: ScoreCfg):
+def to_first_round(table: pa.Table, k0: int) -> pa.Table:
+    """Round 0 draws sample_idx 0 .. k0-1 of every prompt."""
+    n = table.num_rows
+    return table.append_column(SAMPLE_START, pa.array([0] * n, pa.int64())).append_column(
+        N_TARGET, pa.array([k0] * n, pa.int64()))
+
+
+def drop_sample_range(table: pa.Table) -> pa.Table:
+    return table.drop_columns([c for c in (SAMPLE_START, N_TARGET) if c in table.column_names])
+
+
+def generate(ds, cfg: CurateConfig, residents: Residents):
+    gen = cfg.generate
+    return residents.get(Generator, generator_resources(gen), cfg=gen, seed=cfg.run.seed).apply(ds)
+
+
+def score(ds, cfg: ScoreCfg, residents: Residents):
     if cfg.models or not cfg.functions:  # neither: the model scorer says what is missing
-        ds = apply(ds, RewardScorer, scorer_resources(cfg), cfg=model_score_cfg(cfg))
+        ds = residents.get(RewardScorer, scorer_resources(cfg), cfg=model_score_cfg(cfg)).apply(ds)
     if cfg.functions:
         ds = apply(ds, FunctionScorer, function_scorer_resources(cfg), cfg=cfg)
     return ds
@@ -176,43 +199,48 @@ def rows_of(run: RunDir, by_round: dict[int, list[str]]):
 def run_rounds(run: RunDir, cfg: CurateConfig, read_fp: str, prompts_in: int) -> str:
     """Write round_0/ .. round_R/ and scored/; returns scored/'s fingerprint."""
     a = adaptive_cfg(cfg)
-    k_max, seed = cfg.generate.num_samples, cfg.run.seed
-    first = replace(cfg.generate, num_samples=min(a.k0, k_max))
+    k_max = cfg.generate.num_samples
     play = Play()
     rounds: list[dict] = []
-    fp = fingerprint(read_fp, cfg.generate, seed, cfg.score, "round", 0)
-    rec = run_stage(run, "round_0", fp,
-                    lambda: score(apply(read_stage(run, "prompts"), Generator, generator_resources(first),
-                                        cfg=first, seed=seed), cfg.score),
-                    rows_in=prompts_in, unit_in="prompt", unit_out="prompt")
-    play.update(run, "round_0", 0, set())
-    served = len(play.rewards)
-    rounds.append({"round": 0, "prompts": rec.rows_in, "samples": sum(map(len, play.rewards.values()))})
-    active = dict.fromkeys(play.rewards, True)
-    r = 0
-    while True:
-        ids = sorted(play.rewards)  # sorted: `rank` breaks ties by position
-        drawn = np.array([len(play.rewards[p]) for p in ids])
-        go = decide([play.rewards[p] for p in ids], drawn, np.array([active.get(p, False) for p in ids]), a,
-                    k_max=k_max) if ids else np.zeros(0, bool)
-        say(f"round {r}: {rounds[-1]['prompts']} prompts drew {rounds[-1]['samples']} samples; "
-            f"{int(go.sum())} continue")
-        if not go.any():
-            break
-        sent = [p for p, g in zip(ids, go, strict=True) if g]
-        by_round: dict[int, list[str]] = {}
-        for p in sent:
-            by_round.setdefault(play.last[p], []).append(p)
-        before = sum(len(play.rewards[p]) for p in sent)
-        r += 1
-        fp = fingerprint(fp, "round", r)
-        rec = run_stage(run, f"round_{r}", fp,
-                        lambda by_round=by_round: _next_round(run, cfg, by_round, a.step, k_max, seed),
-                        rows_in=len(sent), unit_in="prompt", unit_out="prompt")
-        play.update(run, f"round_{r}", r, set(sent))
-        after = sum(len(play.rewards[p]) for p in sent if p in play.rewards)
-        rounds.append({"round": r, "prompts": len(sent), "samples": after - before})
-        active = dict.fromkeys(sent, True)
+    served_by: dict[str, dict] = {}  # resident name -> constructions and calls per round that ran
+    pids: dict[str, set[int]] = {}
+    with Residents() as residents:
+        fp = fingerprint(read_fp, cfg.generate, cfg.run.seed, cfg.score, "round", 0)
+        rec = run_stage(run, "round_0", fp, lambda: _first_round(run, cfg, min(a.k0, k_max), residents),
+                        rows_in=prompts_in, unit_in="prompt", unit_out="prompt")
+        _count_served(residents, served_by, 0, rec.skipped, pids)
+        play.update(run, "round_0", 0, set())
+        served = len(play.rewards)
+        rounds.append({"round": 0, "prompts": rec.rows_in, "samples": sum(map(len, play.rewards.values()))})
+        active = dict.fromkeys(play.rewards, True)
+        r = 0
+        while True:
+            ids = sorted(play.rewards)  # sorted: `rank` breaks ties by position
+            drawn = np.array([len(play.rewards[p]) for p in ids])
+            go = decide([play.rewards[p] for p in ids], drawn, np.array([active.get(p, False) for p in ids]),
+                        a, k_max=k_max) if ids else np.zeros(0, bool)
+            say(f"round {r}: {rounds[-1]['prompts']} prompts drew {rounds[-1]['samples']} samples; "
+                f"{int(go.sum())} continue")
+            if not go.any():
+                break
+            sent = [p for p, g in zip(ids, go, strict=True) if g]
+            by_round: dict[int, list[str]] = {}
+            for p in sent:
+                by_round.setdefault(play.last[p], []).append(p)
+            before = sum(len(play.rewards[p]) for p in sent)
+            r += 1
+            fp = fingerprint(fp, "round", r)
+            rec = run_stage(run, f"round_{r}", fp, lambda by_round=by_round: _next_round(
+                                run, cfg, by_round, a.step, k_max, residents),
+                            rows_in=len(sent), unit_in="prompt", unit_out="prompt")
+            _count_served(residents, served_by, r, rec.skipped, pids)
+            play.update(run, f"round_{r}", r, set(sent))
+            after = sum(len(play.rewards[p]) for p in sent if p in play.rewards)
+            rounds.append({"round": r, "prompts": len(sent), "samples": after - before})
+            active = dict.fromkeys(sent, True)
+    for name, s in served_by.items():
+        say(f"resident {name}: {s['constructions']} construction(s) served rounds "
+            f"{', '.join(map(str, s['rounds']))} ({sum(s['calls'])} batches)")
 
     by_last: dict[int, list[str]] = {}
     for p, j in play.last.items():
@@ -228,15 +256,38 @@ def run_rounds(run: RunDir, cfg: CurateConfig, read_fp: str, prompts_in: int) ->
                "share": round(generated / full, 4) if full else math.nan,
                "prompts_at_k_max": sum(len(v) >= k_max for v in play.rewards.values())}
     run.set("adaptive", summary)
+    if served_by:  # absent when a rerun found every round done
+        run.set("residents", served_by)
     say(f"adaptive sampling: {generated} samples generated of {full} for a full run "
         f"({summary['share']:.0%}) in {len(rounds)} rounds; {summary['prompts_at_k_max']} prompts reached "
         f"k_max {k_max}")
     return scored_fp
 
 
+def _count_served(residents: Residents, served_by: dict[str, dict], r: int, skipped: bool,
+                  pids: dict[str, set[int]]) -> None:
+    """After a round that ran: the batches each resident served in it, and its constructions so far (the
+    processes that served any round: one per actor, and one more per restart)."""
+    if skipped:
+        return
+    for name, s in residents.served().items():
+        entry = served_by.setdefault(name, {"rounds": [], "calls": []})
+        entry["rounds"].append(r)
+        entry["calls"].append(s["calls"])
+        pids.setdefault(name, set()).update(s["pids"])
+        entry["constructions"] = len(pids[name])
+
+
+def _first_round(run: RunDir, cfg: CurateConfig, k0: int, residents: Residents):
+    ds = read_stage(run, "prompts").map_batches(to_first_round, fn_kwargs={"k0": k0}, batch_format="pyarrow",
+                                                batch_size=None)
+    ds = score(generate(ds, cfg, residents), cfg.score, residents)
+    return ds.map_batches(drop_sample_range, batch_format="pyarrow", batch_size=None)
+
+
 def _next_round(run: RunDir, cfg: CurateConfig, by_round: dict[int, list[str]], step: int, k_max: int,
-                seed: int):
+                residents: Residents):
     ds = rows_of(run, by_round).map_batches(to_next_round, fn_kwargs={"step": step, "k_max": k_max},
                                             batch_format="pyarrow", batch_size=None)
-    ds = score(apply(ds, Generator, generator_resources(cfg.generate), cfg=cfg.generate, seed=seed), cfg.score)
+    ds = score(generate(ds, cfg, residents), cfg.score, residents)
     return ds.map_batches(merge_prior, batch_format="pyarrow", batch_size=None)

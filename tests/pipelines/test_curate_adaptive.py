@@ -1,6 +1,7 @@
 """generate.adaptive: rounds of sampling inside curation against a full run with the same seed, on tiny
 models, for the ucb rule on vLLM and the rank rule on HF generate (each against a full run on its own backend;
-vLLM engine start-ups are most of this file's time), and the round helpers on hand-built Arrow tables."""
+vLLM engine start-ups are most of this file's time: the rounds share one), and the round helpers on hand-built
+Arrow tables."""
 
 from __future__ import annotations
 
@@ -117,6 +118,12 @@ def test_manifest_counts_rounds_and_balances(runs, rule):
     assert manifest(full)["stages"]["stats"]["rows_in"] == ad["samples_full_run"]
     rounds = len(ad["rounds"])
     assert {f"round_{r}" for r in range(rounds)} <= set(m["stages"]) and f"round_{rounds}" not in m["stages"]
+    # one generator and one scorer process (one engine start-up each) served every round: an actor made per
+    # round, or a restart, would be another process
+    for name in ("generate", "score"):
+        res = m["residents"][name]
+        assert res["constructions"] == 1 and res["rounds"] == list(range(rounds)), name
+        assert len(res["calls"]) == rounds and min(res["calls"]) >= 1, name
     if rule == "rank":
         # keep 0.5 from k0 3 by step 3 to 6: every served prompt draws 3, then the top round-half-up(2.5) = 3
         # of them the last 3
@@ -133,6 +140,7 @@ def test_rerun_skips_completed_rounds(runs, capsys):
     capsys.readouterr()
     curate.main(cfg)
     printed = capsys.readouterr().err  # say() writes to stderr
+    assert "resident" not in printed  # every round done: no engine or model started
     for r in range(rounds):
         assert f"stage round_{r}: complete for this config, skipped" in printed
         assert os.stat(ada / f"round_{r}" / "_SUCCESS").st_mtime_ns == marks[r]

@@ -50,7 +50,12 @@ STAGES: dict[str, tuple[str, str, bool]] = {
 # Smoke sizes beyond each script's own --quick. The smoke run checks that every benchmark runs and that its
 # correctness checks hold; its times mean nothing, so each size is the smallest that still has several blocks
 # and batch boundaries: 8k rows keep pandas' groupby-apply to a second, 2k rated prompts are 8 files of 250.
-QUICK_EXTRA = {"stats": ["--rows", "8000"], "curate": ["--prompts", "2000"], "e2e": ["--prompts", "24"]}
+# Training runs the single process and 1 Ray Train worker, the pair its target compares; the 2-worker fit
+# (the costliest contender) and its parameter-sync check are tests/pipelines/test_train_dpo.py's.
+QUICK_EXTRA = {"stats": ["--rows", "8000"], "curate": ["--prompts", "2000"], "e2e": ["--prompts", "24"],
+               "train": ["--workers", "1"]}
+# Checks that the smoke run leaves unmeasured (None) because of QUICK_EXTRA.
+NOT_IN_SMOKE = {"training": ("check.params_in_sync_2w",)}
 # bench name -> the checks (paths under "figures") that must be true; None means "not run here".
 CHECKS: dict[str, tuple[str, ...]] = {
     "generation": ("check.all_samples",),

@@ -1,6 +1,6 @@
 """Generation across batch boundaries: raw one-call `vllm.LLM.generate` vs prefsift's Generator on Ray Data
-with the synchronous engine (one `LLM.generate` per map_batches call) and the async engine (several calls in
-flight), and `ray.data.llm` fed K rows per prompt.
+with the synchronous engine (one `LLM.generate` per map_batches call), the async engine and the stepped
+engine (several calls in flight), and `ray.data.llm` fed K rows per prompt.
 
     python benchmarks/bench_generate.py --quick                 # HF only, 8 prompts (CI smoke)
     python benchmarks/bench_generate.py                         # 512 prompts x 4, 8 calls, lengths ~60 mean
@@ -60,7 +60,8 @@ SEED = 0
 TEMPERATURE = 1.0
 TOP_P = 0.95
 LABELS = {"raw-vllm": "raw vllm.LLM.generate, one call", "sync": "prefsift Generator, sync engine",
-          "async": "prefsift Generator, async engine", "ray-data-llm": "ray.data.llm, K rows per prompt",
+          "async": "prefsift Generator, async engine", "stepped": "prefsift Generator, stepped engine",
+          "ray-data-llm": "ray.data.llm, K rows per prompt",
           "hf": "prefsift Generator (hf)"}
 
 
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="0.3 on CPU (DESIGN.md), 0.85 GPU")
     ap.add_argument("--backends", default=None,
-                    help="comma list of raw-vllm,sync,async,ray-data-llm,hf (default: the first four; hf with --quick)")
+                    help="comma list of raw-vllm,sync,async,stepped,ray-data-llm,hf (default: all but hf; hf with --quick)")
     ap.add_argument("--contender", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     have_vllm = importlib.util.find_spec("vllm") is not None
-    wanted = (a.backends or ("hf" if a.quick else "raw-vllm,sync,async,ray-data-llm")).split(",")
+    wanted = (a.backends or ("hf" if a.quick else "raw-vllm,sync,async,stepped,ray-data-llm")).split(",")
     notes = []
     if not have_vllm and set(wanted) - {"hf"}:
         notes.append("vLLM is not installed here: only the hf contender ran")

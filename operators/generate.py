@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import threading
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,7 +23,7 @@ import pyarrow as pa
 
 from operators.adaptive import AdaptiveCfg
 from operators.base import QUARANTINE, Operator, Resources, with_quarantine
-from operators.vllm_engines import AsyncEngine, SyncEngine, resolve_engine, vllm_runs_on_cpu
+from operators.vllm_engines import CONCURRENT_ENGINES, ENGINES, resolve_engine, vllm_runs_on_cpu
 
 # One struct per sample inside the prompt row's `responses` list (DESIGN.md, "Stages and their data").
 RESPONSE_TYPE = pa.struct([
@@ -49,10 +50,11 @@ class GenerateCfg:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = 2048
     # vllm only. async: an AsyncLLM with several map_batches calls in flight per actor, so the engine never
-    # drains between calls; sync: one LLM.generate per call (operators/vllm_engines.py). auto: the faster
-    # one measured for the device (resolve_engine).
-    engine: Literal["auto", "async", "sync"] = "auto"
-    max_concurrent_batches: int = 4  # map_batches calls in flight per actor with the async engine
+    # drains between calls; stepped: the same with the synchronous engine stepped in a thread; sync: one
+    # LLM.generate per call (operators/vllm_engines.py). auto: the faster one measured for the device
+    # (resolve_engine).
+    engine: Literal["auto", "async", "sync", "stepped"] = "auto"
+    max_concurrent_batches: int = 4  # map_batches calls in flight per actor with the async or stepped engine
     # Prompts per map_batches call, each with its num_samples responses. null: the backend's default
     # (prompts_per_call).
     batch_size: int | None = None
@@ -75,16 +77,17 @@ class GenerateCfg:
     def prompts_per_call(self) -> int:
         """`batch_size`, or the backend's default. The synchronous vLLM engine drains its running batch at
         the end of every call, so it gets many prompts a call (README, Performance: generation). The async
-        engine keeps max_concurrent_batches calls in flight, so a call of 64 prompts (256 requests at K=4)
+        and stepped engines keep max_concurrent_batches calls in flight, so a call of 64 prompts (256 requests at K=4)
         already keeps its queue full. HF `generate` pads a call's sequences to one length, so it gets few."""
         if self.batch_size:
             return self.batch_size
         if self.backend != "vllm":
             return 16
-        return 64 if resolve_engine(self) == "async" else 256
+        return 64 if resolve_engine(self) in CONCURRENT_ENGINES else 256
 
     def calls_in_flight(self) -> int:
-        return self.max_concurrent_batches if self.backend == "vllm" and resolve_engine(self) == "async" else 1
+        concurrent = self.backend == "vllm" and resolve_engine(self) in CONCURRENT_ENGINES
+        return self.max_concurrent_batches if concurrent else 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,7 +337,7 @@ class Generator(Operator):
         async engine, this call's templating, tokenizing and decoding run in a thread while the engine works
         on the other calls' requests. The synchronous engines run in the call itself, one call at a time."""
         temp, top_p = self.cfg.temperature, self.cfg.top_p
-        if not isinstance(self.backend, AsyncEngine):
+        if not inspect.iscoroutinefunction(self.backend.generate):
             plan = self.plan(batch)
             return self.assemble(batch, plan, self.backend.generate(plan.requests, temp, top_p))
         plan = await asyncio.to_thread(self.plan, batch)
@@ -395,8 +398,7 @@ def _vllm_engine(cfg: GenerateCfg, seed: int):
     import torch
 
     cuda = torch.cuda.is_available()
-    engine = AsyncEngine if resolve_engine(cfg) == "async" else SyncEngine
-    return engine(cfg, seed, cuda, _dtype_name(cfg.dtype, cuda))
+    return ENGINES[resolve_engine(cfg)](cfg, seed, cuda, _dtype_name(cfg.dtype, cuda))
 
 
 def generator_resources(cfg: GenerateCfg) -> Resources:

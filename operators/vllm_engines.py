@@ -12,6 +12,12 @@ Both take the same engine arguments (`engine_kwargs`) and answer a list of `Requ
   whenever they finish. At most `max_pending` requests are in the engine at once: enough to refill every
   freed sequence slot at once, few enough that the front end's per-step bookkeeping stays small.
 
+* `SteppedEngine` holds the synchronous engine (`LLM.llm_engine`) and steps it in a thread of its own. As
+  with the async engine, several map_batches calls are in flight: each adds its requests to the running
+  batch and waits for its own, so the engine does not drain between calls; the front end stays the
+  synchronous one (no asyncio task per request), which costs less CPU where the engine shares a few cores
+  with it.
+
 `generate.engine: auto` picks one per device (`resolve_engine`): measured on CPU, by design on GPUs.
 
 `vllm` is imported inside the constructors: `import operators.generate` must work without it (STYLE.md).
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import itertools
+import threading
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -59,12 +66,14 @@ def vllm_runs_on_cpu() -> bool:
 
 
 # What generate.engine=auto picks where vLLM runs on CPU, from the side-by-side measurement (README,
-# Performance: generation): there the engine, the actor and Ray share a few cores, and the async engine's
-# extra work costs more than the drain it saves.
-AUTO_CPU_ENGINE: Literal["async", "sync"] = "sync"
+# Performance: generation): there the engine, the actor and Ray share a few cores; the stepped engine does
+# not drain between calls, and its synchronous front end costs less CPU than the async engine's.
+AUTO_CPU_ENGINE: Literal["async", "sync", "stepped"] = "stepped"
+# Engines that take several map_batches calls at once (an async `generate`).
+CONCURRENT_ENGINES = ("async", "stepped")
 
 
-def resolve_engine(cfg: GenerateCfg) -> Literal["async", "sync"]:
+def resolve_engine(cfg: GenerateCfg) -> Literal["async", "sync", "stepped"]:
     """`generate.engine`, with auto resolved per device: the async engine on GPUs, AUTO_CPU_ENGINE on CPU.
     The driver (map_batches' concurrency, batch size) and the actor (which engine) resolve it alike."""
     if cfg.engine != "auto":
@@ -192,6 +201,87 @@ class AsyncEngine:
                 await asyncio.wait(tasks, timeout=10)
 
         loop.run_until_complete(shutdown())
+
+
+class SteppedEngine:
+    def __init__(self, cfg: GenerateCfg, seed: int, cuda: bool, dtype: str):
+        self._vllm = _import_vllm()
+        self.llm = self._vllm.LLM(**engine_kwargs(cfg, seed, cuda, dtype))
+        self._engine = self.llm.llm_engine
+        # add_request and step both talk to the engine core; one at a time. A call waits at most one step.
+        self._busy = threading.Condition()
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    async def generate(self, requests: list[Request], temperature: float,
+                       top_p: float) -> list[tuple[list[int], str]]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in requests]
+        # In a thread: the lock is held while a step runs, and the event loop runs the other calls.
+        await asyncio.to_thread(self._add, loop, requests, futures, temperature, top_p)
+        return list(await asyncio.gather(*futures))
+
+    def _add(self, loop: asyncio.AbstractEventLoop, requests: list[Request], futures: list[asyncio.Future],
+             temperature: float, top_p: float) -> None:
+        from vllm.inputs import TokensPrompt
+
+        with self._busy:
+            if self._closed:
+                raise RuntimeError("the stepped vLLM engine is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="prefsift-engine-steps", daemon=True)
+                self._thread.start()
+            for r, fut in zip(requests, futures, strict=True):
+                rid = str(next(self._ids))
+                self._waiting[rid] = (loop, fut)
+                self._engine.add_request(rid, TokensPrompt(prompt_token_ids=r.prompt_ids),
+                                         sampling_params(self._vllm, r, temperature, top_p, final_only=True))
+            self._busy.notify()
+
+    def _run(self) -> None:
+        """Step while any request waits; hand each finished one to its call's event loop."""
+        while True:
+            with self._busy:
+                while not self._waiting and not self._closed:
+                    self._busy.wait()
+                if self._closed:
+                    return
+                try:
+                    outputs = self._engine.step()
+                except BaseException as e:  # the engine died: every waiting call fails with its error
+                    for loop, fut in self._waiting.values():
+                        loop.call_soon_threadsafe(_fail, fut, e)
+                    self._waiting.clear()
+                    self._closed = True
+                    return
+                done = [(self._waiting.pop(o.request_id), o) for o in outputs if o.finished]
+            for (loop, fut), o in done:
+                loop.call_soon_threadsafe(_resolve, fut, _finish(o.outputs[0]))
+
+    def close(self) -> None:
+        with self._busy:
+            self._closed = True
+            self._busy.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        core = getattr(self._engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+
+def _resolve(fut: asyncio.Future, value: tuple[list[int], str]) -> None:
+    if not fut.done():  # a call cancelled meanwhile
+        fut.set_result(value)
+
+
+def _fail(fut: asyncio.Future, error: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(error)
+
+
+ENGINES: dict[str, type] = {"sync": SyncEngine, "async": AsyncEngine, "stepped": SteppedEngine}
 
 
 class PoolingEngine:

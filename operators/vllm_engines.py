@@ -65,10 +65,10 @@ def vllm_runs_on_cpu() -> bool:
     return not torch.cuda.is_available() and vllm_is_cpu_build()
 
 
-# What generate.engine=auto picks where vLLM runs on CPU, from the side-by-side measurement (README,
-# Performance: generation): there the engine, the actor and Ray share a few cores; the stepped engine does
-# not drain between calls, and its synchronous front end costs less CPU than the async engine's.
-AUTO_CPU_ENGINE: Literal["async", "sync", "stepped"] = "stepped"
+# What generate.engine=auto picks where vLLM runs on CPU, from the side-by-side measurements (README,
+# Performance: generation): there the engine, the actor and Ray share a few cores, and neither engine
+# that keeps calls in flight has been shown to beat the drain it saves.
+AUTO_CPU_ENGINE: Literal["async", "sync", "stepped"] = "sync"
 # Engines that take several map_batches calls at once (an async `generate`).
 CONCURRENT_ENGINES = ("async", "stepped")
 

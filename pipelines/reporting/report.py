@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from pipelines.reporting.plots import plot_hist, plot_length, plot_sources, plot_training, read_metrics
@@ -43,10 +42,9 @@ def open_run(run_dir: str | Path) -> RunDir:
 
 def read_columns(run: RunDir, stage: str, columns: list[str]) -> pa.Table | None:
     """The named columns that the stage has (others are left out); None when the stage is absent."""
-    if not run.exists(stage):
-        return None
-    ds = pads.dataset(run.path(stage), filesystem=run.fs, format="parquet")
-    return ds.to_table(columns=[c for c in columns if c in ds.schema.names])
+    from pipelines.runtime import stages  # lazily: it imports Ray Data, which a report does not need
+
+    return stages.read_columns(run, stage, columns) if run.exists(stage) else None
 
 
 def stats_with_selection(run: RunDir) -> pa.Table | None:

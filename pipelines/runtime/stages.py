@@ -188,16 +188,17 @@ def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
                                  override_num_blocks=max(1, len(stage_files(run, stage))))
 
 
-def read_columns(run: RunDir, stage: str, columns: list[str]) -> pa.Table:
-    """Some columns of a stage, read on the driver (keys only: the texts stay in the files). Shards written by
-    different tasks may type an all-null column as null; their schemas are unified first."""
+def read_columns(run: RunDir, stage: str, columns: list[str] | None = None) -> pa.Table:
+    """Some columns of a stage (all with None), read on the driver: keys, or rows few enough to hold (the
+    texts of a large stage stay in its files). Shards written by different tasks may type an all-null column
+    as null; their schemas are unified first."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     files = stage_files(run, stage)
     schemas = [pq.read_schema(f, filesystem=run.fs) for f in files]
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-    have = [c for c in columns if c in schema.names]
+    have = None if columns is None else [c for c in columns if c in schema.names]
     return pads.dataset(files, schema=schema, filesystem=run.fs, format="parquet").to_table(columns=have)
 
 
@@ -258,7 +259,7 @@ def run_stage(
     if aside is not None and sink.held:
         # The held rows (a few per cent: the ids that repeat) are judged together on the driver and written
         # beside the others; their side folder goes once they are in.
-        held = _read_folder(run, held_dir)
+        held = read_columns(run, stage + HELD_SUFFIX)
         sink.add(sink.write_tables([aside.settle(held)], "settled"))
     run.remove(stage + HELD_SUFFIX)
     rows_out, quarantined = sink.rows_out, dict(sorted(sink.reasons.items()))
@@ -294,16 +295,6 @@ def run_stage(
             f"{rec.rows_out_as_input} out + {rec.quarantined_total} quarantined"
         )
     return rec
-
-
-def _read_folder(run: RunDir, path: str) -> pa.Table:
-    """Every shard of a folder as one table; shards whose blocks typed an all-null column as null are unified."""
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    files = sorted(f.path for f in run.fs.get_file_info(pafs_selector(path)) if f.path.endswith(".parquet"))
-    schema = pa.unify_schemas([pq.read_schema(f, filesystem=run.fs) for f in files], promote_options="permissive")
-    return pads.dataset(files, schema=schema, filesystem=run.fs, format="parquet").to_table()
 
 
 def _schema_of(ds) -> pa.Schema:

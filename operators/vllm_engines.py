@@ -126,10 +126,22 @@ def _finish(completion) -> tuple[list[int], str]:
     return list(completion.token_ids), "length" if completion.finish_reason == "length" else "stop"
 
 
+def _llm(cfg: GenerateCfg, seed: int, cuda: bool, dtype: str):
+    """(the vllm module, a synchronous `LLM`): what the sync and stepped engines both hold."""
+    vllm = _import_vllm()
+    return vllm, vllm.LLM(**engine_kwargs(cfg, seed, cuda, dtype))
+
+
+def _shutdown_llm(llm) -> None:
+    """Stop a synchronous `LLM`'s engine core (its subprocess) now rather than at interpreter exit."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
+
 class SyncEngine:
     def __init__(self, cfg: GenerateCfg, seed: int, cuda: bool, dtype: str):
-        self._vllm = _import_vllm()
-        self.llm = self._vllm.LLM(**engine_kwargs(cfg, seed, cuda, dtype))
+        self._vllm, self.llm = _llm(cfg, seed, cuda, dtype)
 
     def generate(self, requests: list[Request], temperature: float, top_p: float) -> list[tuple[list[int], str]]:
         from vllm.inputs import TokensPrompt
@@ -140,9 +152,7 @@ class SyncEngine:
         return [_finish(o.outputs[0]) for o in outputs]
 
     def close(self) -> None:
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        _shutdown_llm(self.llm)
 
 
 class AsyncEngine:
@@ -205,8 +215,7 @@ class AsyncEngine:
 
 class SteppedEngine:
     def __init__(self, cfg: GenerateCfg, seed: int, cuda: bool, dtype: str):
-        self._vllm = _import_vllm()
-        self.llm = self._vllm.LLM(**engine_kwargs(cfg, seed, cuda, dtype))
+        self._vllm, self.llm = _llm(cfg, seed, cuda, dtype)
         self._engine = self.llm.llm_engine
         # add_request and step both talk to the engine core; one at a time. A call waits at most one step.
         self._busy = threading.Condition()
@@ -266,9 +275,7 @@ class SteppedEngine:
             self._busy.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        core = getattr(self._engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        _shutdown_llm(self.llm)
 
 
 def _resolve(fut: asyncio.Future, value: tuple[list[int], str]) -> None:
@@ -310,6 +317,4 @@ class PoolingEngine:
         return np.asarray([o.outputs.probs for o in outs], dtype=np.float64).reshape(len(encoded), -1)
 
     def close(self) -> None:
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        _shutdown_llm(self.llm)

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL, with_quarantine
 from operators.jsonl import list_files
+from operators.read import read_parquet_files
 
 ROW_ID = "_row_id"  # a 64-bit id per row that tells copies of one prompt_id apart
 HELD = "_held"  # set on the live rows whose prompt_id repeats: the stage's write holds them for the rule
@@ -51,11 +52,7 @@ def parquet_ids(path: str) -> pa.Table:
 def read_parquet_keyed(path: str, limit: int | None = None):
     """A parquet read whose rows carry ROW_ID: Ray Data's `row_hash`, a hash of the file and the row's place in
     it: the same on every run, so which exact copy of a repeated id is kept does not change between runs."""
-    import ray
-
-    # One read task per file (as in `read_stage`): more would split each file's blocks apart from the map.
-    files = max(1, len(list_files(path, extensions=("parquet",))))
-    ds = ray.data.read_parquet(path, include_row_hash=True, override_num_blocks=files)
+    ds = read_parquet_files(path, include_row_hash=True)
     if limit is not None:
         ds = ds.limit(limit)
     return ds.map_batches(_row_hash_as_id, batch_format="pyarrow")

@@ -75,6 +75,17 @@ def check_local_path(path: str) -> None:
         raise InputError(f"input path does not exist: {path}")
 
 
+def read_parquet_files(path: str, **kwargs):
+    """`ray.data.read_parquet` with one read task per file (as `read_stage` reads a stage): more tasks than
+    files would split each file's blocks in an operator of their own, apart from the map after the read."""
+    import ray
+
+    from operators.jsonl import list_files
+
+    files = max(1, len(list_files(path, extensions=("parquet",))))
+    return ray.data.read_parquet(path, override_num_blocks=files, **kwargs)
+
+
 def read_input(path: str, fmt: str = "auto", limit: int | None = None, peek_lines: int | None = None):
     """A Ray Dataset over the input. `limit` keeps the first N rows in file order; `peek_lines` is how many
     JSONL lines fix the columns (default `operators.jsonl.PEEK_LINES`, 0 for all)."""
@@ -86,10 +97,7 @@ def read_input(path: str, fmt: str = "auto", limit: int | None = None, peek_line
         # `limit` must take the same rows every run: keep file order for this read.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     if fmt == "parquet":
-        from operators.jsonl import list_files
-
-        # One read task per file (see pipelines/runtime/stages.py, read_stage).
-        ds = ray.data.read_parquet(path, override_num_blocks=max(1, len(list_files(path, extensions=("parquet",)))))
+        ds = read_parquet_files(path)
     elif fmt == "jsonl":
         from operators.jsonl import JsonlDatasource, peek_columns
 

@@ -97,17 +97,16 @@ def write_synthetic(out_dir: Path, rows: int, response_chars: int = 32) -> dict[
 def run_prefsift(data: str, out: str, rows: int) -> dict:
     """The pipeline's stats stage: one pass over the score leaves for PD's norms, then a map over prompts."""
     import pyarrow.fs as pafs
-    import ray
 
     from operators.norms import norms_from_sums, response_pass
+    from operators.read import read_parquet_files
     from operators.stats import StatsParams, aspect_names, stats_map
 
     init_s = init_local_ray()
     files = sorted(str(f) for f in Path(data).glob("*.parquet"))
     with MemorySampler() as mem:
         c0, t0 = tree_cpu_seconds(), time.perf_counter()
-        # One read task per shard, as the pipeline's read_stage does.
-        ds = ray.data.read_parquet(data, file_extensions=["parquet"], override_num_blocks=len(files))
+        ds = read_parquet_files(data, file_extensions=["parquet"])  # one read task per shard, as the pipeline
         schema = ds.schema()
         aspects = aspect_names(schema)
         sums = response_pass(pafs.LocalFileSystem(), files, schema, aspects, with_length=False)
@@ -128,13 +127,11 @@ def _emptied(table: pa.Table) -> pa.Table:
 def run_ray_floor(data: str, rows: int) -> dict:
     """What Ray Data itself costs here, with no statistics and no output: one read pass (every block emptied
     after it). A lower bound for any Ray Data implementation of the statistics stage."""
-    import ray
+    from operators.read import read_parquet_files
 
     init_local_ray()
     t0 = time.perf_counter()
-    files = len(list(Path(data).glob("*.parquet")))
-    ray.data.read_parquet(data, file_extensions=["parquet"], override_num_blocks=files) \
-        .map_batches(_emptied, batch_format="pyarrow").materialize()
+    read_parquet_files(data, file_extensions=["parquet"]).map_batches(_emptied, batch_format="pyarrow").materialize()
     read_s = time.perf_counter() - t0
     return {"read_s": read_s, "seconds": read_s}
 

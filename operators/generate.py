@@ -55,6 +55,9 @@ class GenerateCfg:
     # (resolve_engine).
     engine: Literal["auto", "async", "sync", "stepped"] = "auto"
     max_concurrent_batches: int = 4  # map_batches calls in flight per actor with the async or stepped engine
+    # Requests in the engine at once with the async or stepped engine; the rest of the calls in flight wait
+    # in order. null: ray.data.llm's default, 1.1 x the engine's max_num_seqs (vllm_engines.requests_in_flight).
+    max_requests_in_flight: int | None = None
     # Prompts per map_batches call, each with its num_samples responses. null: the backend's default
     # (prompts_per_call).
     batch_size: int | None = None
@@ -285,6 +288,8 @@ def _check_cfg(cfg: GenerateCfg) -> None:
         problems.append(f"generate.batch_size must be >= 1 or null, got {cfg.batch_size}")
     if cfg.max_concurrent_batches < 1:
         problems.append(f"generate.max_concurrent_batches must be >= 1, got {cfg.max_concurrent_batches}")
+    if cfg.max_requests_in_flight is not None and cfg.max_requests_in_flight < 1:
+        problems.append(f"generate.max_requests_in_flight must be >= 1 or null, got {cfg.max_requests_in_flight}")
     if problems:
         raise ValueError("; ".join(problems))
 

@@ -9,14 +9,20 @@ Both take the same engine arguments (`engine_kwargs`) and answer a list of `Requ
 * `AsyncEngine` holds an `AsyncLLM`, whose engine core steps continuously in its own process. The actor
   runs several map_batches calls at once on its event loop (`GenerateCfg.max_concurrent_batches`), so the
   next batch's requests are queued while the current batch's tail runs, and the requests of one call finish
-  whenever they finish. At most `max_pending` requests are in the engine at once: enough to refill every
-  freed sequence slot at once, few enough that the front end's per-step bookkeeping stays small.
+  whenever they finish.
 
 * `SteppedEngine` holds the synchronous engine (`LLM.llm_engine`) and steps it in a thread of its own. As
-  with the async engine, several map_batches calls are in flight: each adds its requests to the running
-  batch and waits for its own, so the engine does not drain between calls; the front end stays the
-  synchronous one (no asyncio task per request), which costs less CPU where the engine shares a few cores
-  with it.
+  with the async engine, several map_batches calls are in flight: each queues its requests and waits for
+  its own, so the engine does not drain between calls; the front end stays the synchronous one (no asyncio
+  task per request), which costs less CPU where the engine shares a few cores with it. The step thread
+  alone touches the engine: between steps it moves queued requests in, up to `max_pending`, as finished
+  ones free their slots. A call's templating, tokenizing and decoding run in other threads (the
+  Generator's plan and assemble), never in the step thread.
+
+Both concurrent engines hold at most `requests_in_flight(cfg, max_num_seqs)` requests in the engine, as
+ray.data.llm does (`max_pending_requests`): a little over the sequences one step can run, so the slots that
+free up are refilled at once, while the rest wait in order of arrival (the first call's requests finish
+first) instead of in the engine's scheduler, whose per-step bookkeeping grows with what it holds.
 
 `generate.engine: auto` picks one per device (`resolve_engine`): measured on CPU, by design on GPUs.
 
@@ -28,7 +34,9 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import itertools
+import math
 import threading
+from collections import deque
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -106,6 +114,14 @@ def engine_kwargs(cfg: GenerateCfg, seed: int, cuda: bool, dtype: str) -> dict[s
     )
 
 
+def requests_in_flight(cfg: GenerateCfg, max_num_seqs: int) -> int:
+    """The most requests a concurrent engine holds at once: `generate.max_requests_in_flight`, or by default
+    ray.data.llm's ceil(1.1 * max_num_seqs * pipeline_parallel_size) (every pipeline stage runs a batch)."""
+    if cfg.max_requests_in_flight is not None:
+        return cfg.max_requests_in_flight
+    return math.ceil(1.1 * max_num_seqs * cfg.pipeline_parallel_size)
+
+
 def kv_cache_kwargs(gib: float | None, key: str) -> dict[str, Any]:
     """An explicit KV cache size, when one is set, in place of the gpu_memory_utilization share."""
     if gib is not None and gib <= 0:
@@ -165,7 +181,7 @@ class AsyncEngine:
         # tokens a step rather than the API server's 128 and 2048.
         self.engine = vllm.AsyncLLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
         sched = self.engine.vllm_config.scheduler_config
-        self.max_pending = 2 * sched.max_num_seqs * cfg.pipeline_parallel_size
+        self.max_pending = requests_in_flight(cfg, sched.max_num_seqs)
         self._slots: asyncio.Semaphore | None = None  # made on the event loop that runs the calls
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
@@ -217,57 +233,67 @@ class SteppedEngine:
     def __init__(self, cfg: GenerateCfg, seed: int, cuda: bool, dtype: str):
         self._vllm, self.llm = _llm(cfg, seed, cuda, dtype)
         self._engine = self.llm.llm_engine
-        # add_request and step both talk to the engine core; one at a time. A call waits at most one step.
+        self.max_pending = requests_in_flight(cfg, self._engine.vllm_config.scheduler_config.max_num_seqs)
+        # Guards the queue and the flags; the engine itself is used by the step thread only.
         self._busy = threading.Condition()
-        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._queue: deque[tuple[str, Any, Any, asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}  # in the engine
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
 
     async def generate(self, requests: list[Request], temperature: float,
                        top_p: float) -> list[tuple[list[int], str]]:
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in requests]
-        # In a thread: the lock is held while a step runs, and the event loop runs the other calls.
-        await asyncio.to_thread(self._add, loop, requests, futures, temperature, top_p)
-        return list(await asyncio.gather(*futures))
-
-    def _add(self, loop: asyncio.AbstractEventLoop, requests: list[Request], futures: list[asyncio.Future],
-             temperature: float, top_p: float) -> None:
         from vllm.inputs import TokensPrompt
 
-        with self._busy:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in requests]
+        queued = [(str(next(self._ids)), TokensPrompt(prompt_token_ids=r.prompt_ids),
+                   sampling_params(self._vllm, r, temperature, top_p, final_only=True), loop, fut)
+                  for r, fut in zip(requests, futures, strict=True)]
+        with self._busy:  # held for an append: the step thread holds it only between steps
             if self._closed:
                 raise RuntimeError("the stepped vLLM engine is closed")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="prefsift-engine-steps", daemon=True)
                 self._thread.start()
-            for r, fut in zip(requests, futures, strict=True):
-                rid = str(next(self._ids))
-                self._waiting[rid] = (loop, fut)
-                self._engine.add_request(rid, TokensPrompt(prompt_token_ids=r.prompt_ids),
-                                         sampling_params(self._vllm, r, temperature, top_p, final_only=True))
+            self._queue.extend(queued)
             self._busy.notify()
+        return list(await asyncio.gather(*futures))
 
     def _run(self) -> None:
-        """Step while any request waits; hand each finished one to its call's event loop."""
+        """Top the engine up from the queue, step, hand each finished request to its call's event loop."""
         while True:
             with self._busy:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._queue and not self._closed:
                     self._busy.wait()
                 if self._closed:
-                    return
-                try:
-                    outputs = self._engine.step()
-                except BaseException as e:  # the engine died: every waiting call fails with its error
-                    for loop, fut in self._waiting.values():
-                        loop.call_soon_threadsafe(_fail, fut, e)
-                    self._waiting.clear()
-                    self._closed = True
-                    return
-                done = [(self._waiting.pop(o.request_id), o) for o in outputs if o.finished]
-            for (loop, fut), o in done:
-                loop.call_soon_threadsafe(_resolve, fut, _finish(o.outputs[0]))
+                    break
+                admit = [self._queue.popleft()
+                         for _ in range(min(self.max_pending - len(self._waiting), len(self._queue)))]
+            self._waiting.update((rid, (loop, fut)) for rid, _, _, loop, fut in admit)
+            try:
+                for rid, prompt, params, _, _ in admit:
+                    self._engine.add_request(rid, prompt, params)
+                outputs = self._engine.step()
+            except BaseException as e:  # the engine died: every call in flight fails with its error
+                self._fail_all(e)
+                return
+            for o in outputs:
+                if o.finished:
+                    loop, fut = self._waiting.pop(o.request_id)
+                    loop.call_soon_threadsafe(_resolve, fut, _finish(o.outputs[0]))
+        self._fail_all(RuntimeError("the stepped vLLM engine was closed with calls in flight"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._busy:
+            self._closed = True
+            pending = [*self._waiting.values(), *((loop, fut) for _, _, _, loop, fut in self._queue)]
+            self._waiting.clear()
+            self._queue.clear()
+        for loop, fut in pending:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_fail, fut, error)
 
     def close(self) -> None:
         with self._busy:

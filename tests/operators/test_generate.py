@@ -191,6 +191,17 @@ def test_kv_cache_gib_becomes_vllms_byte_count_and_a_bad_one_names_its_key():
         kv_cache_kwargs(0, "score.kv_cache_gib")
 
 
+def test_requests_in_flight_default_as_ray_data_llm_and_a_bad_one_names_its_key(tiny_models):
+    from operators.vllm_engines import requests_in_flight
+
+    # ceil(1.1 * max_num_seqs * pipeline stages), as ray.data.llm's max_pending_requests.
+    assert requests_in_flight(GenerateCfg(), 256) == 282
+    assert requests_in_flight(GenerateCfg(pipeline_parallel_size=2), 128) == 282
+    assert requests_in_flight(GenerateCfg(max_requests_in_flight=5), 256) == 5
+    with pytest.raises(ValueError, match="generate.max_requests_in_flight must be >= 1 or null, got 0"):
+        Generator(_cfg(tiny_models, max_requests_in_flight=0), seed=0)
+
+
 def test_column_contract():
     check_columns(Generator, ["prompt_id", "messages"])
     with pytest.raises(ValueError, match="'prompt_id'.*'prompt or messages'"):
@@ -426,21 +437,30 @@ def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen, engine_kind, 
 @pytest.mark.slow
 def test_vllm_stepped_engine_takes_calls_at_once_and_samples_as_the_async_engine(tiny_models, async_vllm):
     """Two calls in flight on one stepped engine: each gets its own rows back, quarantines as the other
-    engines do, and every sample equals the async engine's (same per-sample seeds, the same model)."""
+    engines do, and every sample equals the async engine's (same per-sample seeds, the same model). At most
+    2 of the 9 requests are in the engine at once: the rest wait in the queue and enter as slots free."""
     gen, loop = async_vllm
-    stepped = Generator(_vllm_cfg(tiny_models, "stepped"), seed=0)
+    stepped = Generator(_vllm_cfg(tiny_models, "stepped", max_requests_in_flight=2), seed=0)
+    assert stepped.backend.max_pending == 2
     first = pa.table({"prompt_id": ["a", "long", "dup"], "prompt": [PROMPTS[0], "word " * 300, "x"],
                       QUARANTINE: [None, None, "duplicate_prompt_id"]})
     second = pa.table({"prompt_id": ["b", "c"], "prompt": PROMPTS[1:3], QUARANTINE: [None, None]})
 
+    held: list[int] = []  # requests in the engine, seen every millisecond while the calls run
+
     async def both():
-        return await asyncio.gather(stepped(first), stepped(second))
+        calls = asyncio.gather(stepped(first), stepped(second))
+        while not calls.done():
+            held.append(stepped.backend._engine.get_num_unfinished_requests())
+            await asyncio.sleep(0.001)
+        return await calls
 
     try:
         outs = asyncio.run(both())
     finally:
         stepped.close()
     assert not stepped.backend._thread.is_alive()
+    assert 0 < max(held) <= 2
     assert outs[0].column(QUARANTINE).to_pylist() == [None, "prompt_too_long", "duplicate_prompt_id"]
     assert [r["prompt_id"] for r in _samples(outs[1])] == ["b"] * K + ["c"] * K
     cols = ["text", "num_tokens", "finish_reason", "seed"]

@@ -106,12 +106,14 @@ def response_leaves(schema: pa.Schema, with_length: bool) -> list[str]:
     return [f"responses.list.element.{n}" for n in want if n in names]
 
 
-def block_sums(table: pa.Table, aspects: list[str]) -> dict[str, float]:
-    """Response count and the norms' sums over the good responses of a table of score leaves."""
+def block_sums(table: pa.Table, aspects: list[str] | None = None) -> dict[str, float]:
+    """Response count and the norms' sums over the good responses of a table of prompt rows (or of their score
+    leaves); `aspects` None: those of the table's scores."""
     flat = flatten(table.column("responses"))
     f, n = flat.fields, flat.count
     reward, reward_null = floats(f.get("overall"), n)
     values = aspect_values(f.get("scores"), n)
+    aspects = sorted(values) if aspects is None else aspects
     text_missing = pc.is_null(f["text"]).to_numpy(zero_copy_only=False) if "text" in f else np.zeros(n, bool)
     good = is_good(response_reasons(f.get("problem"), np.asarray(text_missing, bool), reward, reward_null,
                                     values))

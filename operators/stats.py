@@ -23,7 +23,7 @@ built from the list offsets; the Ray part at the bottom is thin.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -132,8 +132,11 @@ def _group_pearson(R: np.ndarray, L: np.ndarray) -> np.ndarray:
 class StatsParams:
     tau: float = 1.0
     pd_target: str = "overall"
-    norms: PDNorms | None = None  # None: no PD (single-score data)
+    norms: PDNorms | None = None  # None: no PD (single-score data), or PD from its parts later (pd_parts)
     carry: tuple[str, ...] = ("prompt", "source")  # per-prompt columns copied into the statistics table
+    # Before the data-set-wide norms exist (statistics computed in the read's pass): write each prompt's raw
+    # aspect differences between its pair as PD_PARTS columns, for `fill_pd` once the norms are known.
+    pd_parts: bool = False
 
 
 # Columns of the statistics table that the statistics themselves make (beside the carried ones).
@@ -141,6 +144,10 @@ STATS_TABLE_COLUMNS = ("prompt_id", *STAT_COLUMNS, "score_best", "score_worst", 
                        "worst_response", "paired", "tau", "messages")
 # The sample_idx of a quarantined response, beside its prompt_id; `sample_idx` in quarantine/.
 QUARANTINE_SAMPLE = "_quarantine_sample_idx"
+# PD's parts (StatsParams.pd_parts): `_pd:<aspect>` = r_a(l) - r_a(w), and the pair's length differences.
+PD_PRIVATE = "_pd"  # the prefix of every part's column
+PD_PARTS = "_pd:"
+PD_LEN, PD_LOGLEN = "_pd_len", "_pd_loglen"
 
 
 def carry_columns(columns) -> tuple[str, ...]:
@@ -250,6 +257,7 @@ def prompt_stats(table: pa.Table, params: StatsParams, max_cells: int = 4_000_00
         "worst_response": texts.take(pa.array(good.index[cols["worst"].astype(np.int64)])),
         "paired": pa.array(cols["paired"].astype(bool)),
         "tau": pa.array(np.full(n.size, params.tau)),
+        **{k: pa.array(v) for k, v in cols.items() if k.startswith("_pd")},
         QUARANTINE: pa.array(np.where(n < 2, "fewer_than_2_responses", None), type=pa.string()),
         QUARANTINE_DETAIL: pa.nulls(n.size, pa.string()),
         QUARANTINE_SAMPLE: pa.nulls(n.size, pa.int64()),
@@ -310,6 +318,14 @@ def _stats_chunk(g: GoodResponses, lo: int, hi: int, starts: np.ndarray, sizes: 
     score_best, score_worst = R[rows, bpos], R[rows, wpos]
 
     pd = np.full(G, np.nan)
+    parts: dict[str, np.ndarray] = {}
+    if params.pd_parts and params.norms is None and g.aspects:
+        # The pair is best vs worst (pd_target overall); the raw differences wait for the norms (`fill_pd`).
+        for a in sorted(g.aspects):
+            V = _padded(g.aspects[a][lo:hi], starts, sizes, width)
+            parts[PD_PARTS + a] = V[rows, wpos] - V[rows, bpos]
+        parts[PD_LEN] = L[rows, wpos] - L[rows, bpos]
+        parts[PD_LOGLEN] = np.log1p(L[rows, wpos]) - np.log1p(L[rows, bpos])
     if params.norms is not None and params.norms.aspects:
         target = params.pd_target
         if target != "overall" and target in params.norms.aspects and target in g.aspects:
@@ -336,14 +352,71 @@ def _stats_chunk(g: GoodResponses, lo: int, hi: int, starts: np.ndarray, sizes: 
         "mean": mean, "std": std, "pvar": pv, "margin": score_best - score_worst,
         "best_idx": S[rows, bpos], "worst_idx": S[rows, wpos], "pd": pd, "len_corr": _group_pearson(R, L),
         "score_best": score_best, "score_worst": score_worst,
-        "best": lo + starts + bpos, "worst": lo + starts + wpos, "paired": paired,
+        "best": lo + starts + bpos, "worst": lo + starts + wpos, "paired": paired, **parts,
     }
+
+
+def pd_from_parts(parts: dict[str, np.ndarray], dlen: np.ndarray, dlog: np.ndarray, norms: PDNorms,
+                  target: str = "overall", absent: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """PD from its parts (StatsParams.pd_parts): r~_a(l) - r~_a(w) is linear in the raw differences, because
+    each aspect's mean (and the residual fit's intercept) cancels between the two responses of a pair:
+    none: d_a / std_a; penalty: that minus rho * dlen / len_std; residual: (d_a - slope_a * dlog) / resid_std_a.
+    A zero spread gives 0, as `normalized_aspect` does; a NaN part (a score a response lacks) is skipped, and so
+    is an aspect `absent` from a row's block."""
+    diffs = []
+    for a, norm in norms.aspects.items():
+        if a == target or a not in parts:
+            continue
+        d = np.asarray(parts[a], dtype=np.float64)
+        if norms.mode == "residual":
+            z = (d - norm.slope * dlog) / norm.resid_std if norm.resid_std > 0 else np.zeros_like(d)
+        else:
+            z = d / norm.std if norm.std > 0 else np.zeros_like(d)
+            if norms.mode == "penalty":
+                z = z - norms.rho * (dlen / norms.len_std if norms.len_std > 0 else np.zeros_like(d))
+        if absent is not None and a in absent:
+            z = np.where(absent[a], np.nan, z)
+        diffs.append(z)
+    if not diffs:
+        return np.full(np.asarray(dlen).size, np.nan)
+    D = np.stack(diffs, axis=1)
+    cnt = np.isfinite(D).sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        return np.where(cnt > 0, np.nansum(D, axis=1) / cnt, np.nan)
+
+
+def fill_pd(table: pa.Table, norms: PDNorms | None, target: str = "overall") -> pa.Table:
+    """A statistics table written with PD's parts: `pd` from them and the data set's norms, the parts dropped.
+    A null part (the shard of a block without that aspect) counts as an aspect the block lacked."""
+    names = [c for c in table.column_names if c.startswith(PD_PARTS)]
+    if PD_LEN not in table.column_names:
+        return table
+    if norms is not None and names:
+        parts, absent = {}, {}
+        for c in names:
+            col = pc.cast(table.column(c), pa.float64())
+            parts[c[len(PD_PARTS):]] = _floats(col)
+            absent[c[len(PD_PARTS):]] = pc.is_null(col).to_numpy(zero_copy_only=False)
+        pdv = pd_from_parts(parts, _floats(table.column(PD_LEN)), _floats(table.column(PD_LOGLEN)), norms, target,
+                            absent)
+        table = table.set_column(table.column_names.index("pd"), "pd", pa.array(pdv, mask=~np.isfinite(pdv)))
+    return table.drop_columns([*names, PD_LEN, PD_LOGLEN])
+
+
+def _floats(col) -> np.ndarray:
+    return np.asarray(pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy(zero_copy_only=False), np.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Ray plumbing
 # ----------------------------------------------------------------------------------------------------------
 
+
+
+def block_stats(table: pa.Table, params: StatsParams) -> pa.Table:
+    """`prompt_stats` of a block of validated prompt rows, carrying that block's own prompt-level columns:
+    the statistics computed in the pass that reads them (pipelines.runtime.stages.Then)."""
+    return prompt_stats(table, replace(params, carry=carry_columns(table.column_names)))
 
 
 def stats_map(ds, params: StatsParams):

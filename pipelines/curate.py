@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import asdict, replace
+from functools import partial
 
 from operators.base import InputError, apply
 from operators.dedupe import (
@@ -24,7 +25,7 @@ from operators.dedupe import (
     settle_duplicates,
 )
 from operators.ingest import ingest_rated
-from operators.norms import norms_from_sums, response_pass
+from operators.norms import block_sums, norms_from_sums, response_pass
 from operators.read import (
     binarized_to_rated,
     check_input_columns,
@@ -42,12 +43,20 @@ from operators.reward_functions import (
     load_functions,
     model_score_cfg,
 )
-from operators.stats import StatsParams, aspect_names, carry_columns, stats_map
+from operators.stats import (
+    PD_PRIVATE,
+    StatsParams,
+    aspect_names,
+    block_stats,
+    carry_columns,
+    fill_pd,
+    stats_map,
+)
 from pipelines.runtime.config import ConfigError, CurateConfig, fingerprint, model_path, resolve_path, to_dict
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir, filesystem_of
 from pipelines.runtime.ray_start import init_ray
-from pipelines.runtime.stages import Aside, read_stage, run_stage, stage_files
+from pipelines.runtime.stages import Aside, Then, read_stage, rewrite_shards, run_stage, stage_files
 from pipelines.select import run_selection
 
 
@@ -84,6 +93,26 @@ def resolve_models(cfg: CurateConfig) -> CurateConfig:
     gen = replace(cfg.generate, model=model_path(cfg.generate.model, "generate.model"))
     models = [replace(m, path=model_path(m.path, f"score.models[{i}].path")) for i, m in enumerate(cfg.score.models)]
     return replace(cfg, generate=gen, score=replace(cfg.score, models=models))
+
+
+def stats_in_read_pass(run: RunDir, cfg: CurateConfig, stats_fp: str) -> Then:
+    """The statistics stage as the read's second output (`Then`): each block of validated prompts gives its
+    statistics rows (PD's parts instead of PD) and its sums (response count, PD's norms); once the pass and the
+    settlement are over, the norms come from the sums and PD from its parts, before the stage commits."""
+    params = StatsParams(tau=cfg.stats.tau, pd_target=cfg.stats.pd_target, pd_parts=True)
+
+    def finish(sink) -> None:
+        aspects = sorted({k.split(":")[0] for k in sink.sums if ":" in k and not k.startswith("len:")})
+        norms = norms_from_sums(sink.sums, aspects, cfg.stats.length_debias, cfg.stats.debias_rho) \
+            if aspects else None
+        run.set("stats_params", {"tau": cfg.stats.tau, "pd_target": cfg.stats.pd_target, "aspects": aspects,
+                                 "norms": asdict(norms) if norms else None})
+        if aspects:  # else no block wrote PD's parts
+            rewrite_shards(run, "stats", partial(fill_pd, norms=norms, target=cfg.stats.pd_target))
+
+    return Then("stats", stats_fp, partial(block_stats, params=params), sums=block_sums, finish=finish,
+                private_prefix=PD_PRIVATE, rows_in="responses", out_as_input="n", unit_in="response",
+                unit_out="prompt")
 
 
 def main(cfg: CurateConfig) -> dict:
@@ -135,9 +164,16 @@ def main(cfg: CurateConfig) -> dict:
         return dedupe_prompts(raw, prepare)
 
     read_fp = fingerprint(cfg.input, input_stamp(in_path), "per-prompt-v1")
+    stats_fp = fingerprint(read_fp, cfg.stats)
+    # Rated parquet: the statistics come out of the read's own pass (`Then`), the held rows' at their
+    # settlement, and PD (its norms are sums over every kept prompt) from its parts once the pass is over. A
+    # rerun whose prompts/ is complete computes them from prompts/ below. PD against one aspect picks its pair
+    # by a norm-dependent rule, so it keeps that path.
+    fused = keyed and row_schema == "rated" and cfg.stats.pd_target == "overall"
     with input_errors():
         read = run_stage(run, "prompts", read_fp, build_read, rows_in=None, unit_in="prompt", unit_out="prompt",
-                         aside=Aside(HELD, settle_duplicates, private=(ROW_ID,)) if keyed else None)
+                         aside=Aside(HELD, settle_duplicates, private=(ROW_ID,)) if keyed else None,
+                         then=stats_in_read_pass(run, cfg, stats_fp) if fused else None)
     if read.rows_out == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in read.quarantined.items())
         raise InputError(f"input {in_path}: no usable rows; all {read.rows_in} were quarantined ({reasons}), "
@@ -196,9 +232,9 @@ def main(cfg: CurateConfig) -> dict:
                              carry=carry_columns(schema.names))
         return stats_map(ds, params)
 
-    run_stage(run, "stats", stats_fp, build_stats, rows_in=lambda: int(responses_in["n"]),
-              out_as_input="n",
-              unit_in="response", unit_out="prompt")
+    if not (fused and not read.skipped):  # else written by the read's pass
+        run_stage(run, "stats", stats_fp, build_stats, rows_in=lambda: int(responses_in["n"]), out_as_input="n",
+                  unit_in="response", unit_out="prompt")
 
     # --- selection and pairs ------------------------------------------------------------------------------
     out = run_selection(run, cfg, stats_fp)

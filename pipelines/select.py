@@ -17,7 +17,7 @@ from operators.select import SELECT_COLUMNS, Budget, RuleParams, select
 from pipelines.runtime.config import CurateConfig, SelectCfg, fingerprint, to_dict
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
-from pipelines.runtime.stages import read_columns, read_stage, run_stage
+from pipelines.runtime.stages import read_columns, run_stage, stage_batches
 
 
 def key_columns(run: RunDir, cfg: SelectCfg) -> pa.Table:
@@ -50,9 +50,11 @@ def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str, stats_run: RunD
     def build_pairs_ds():
         keys = read_columns(run, "selection", ["prompt_id", *DECISION_COLUMNS])
         chosen["keys"] = keys.filter(pc.fill_null(keys.column("selected"), False)) if keys.num_rows else keys
-        return read_stage(src, "stats").map_batches(join_selection, fn_kwargs={"selection": chosen["keys"]},
-                                                    batch_format="pyarrow", batch_size=None) \
-            .map_batches(build_pairs, batch_format="pyarrow", batch_size=None)
+        # Streamed through the driver: the selected prompts' statistics rows (a budget's fraction, filtered
+        # batch by batch as the shards are read, in parquet's own threads) are paired and written from there,
+        # without a Ray Data execution and its fixed cost. Only one batch of statistics is held at a time.
+        return (build_pairs(join_selection(batch, chosen["keys"]))
+                for batch in stage_batches(src, "stats", pc.field("prompt_id").isin(chosen["keys"]["prompt_id"])))
 
     pairs = run_stage(run, "pairs", fingerprint(select_fp, "pairs-v1"), build_pairs_ds,
                       rows_in=lambda: chosen["keys"].num_rows, unit_in="selected prompt", unit_out="pair")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,29 @@ class Aside:
     private: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Then:
+    """A second stage computed in the same pass from the first one's good rows, where the boundary between
+    them buys no resumability (rated input: the statistics of the validated prompts, without reading prompts/
+    back). `derive(good)` returns the second stage's rows, reasons in the quarantine column; `sums(good)`
+    returns numbers that add up over blocks (the response count, PD's norms). Rows an `Aside` holds are
+    derived when they are settled, so the second stage covers exactly the first one's good rows. After the
+    first stage commits, `finish(sink)` runs (PD from the norms), then the second stage commits with
+    `fp`; a driver killed before that leaves it without `_SUCCESS`, and the rerun computes it on its own.
+    `private_prefix`: columns the derived good rows keep until `finish`, dropped from its quarantined rows."""
+
+    stage: str
+    fp: str
+    derive: Callable[[pa.Table], pa.Table]
+    sums: Callable[[pa.Table], dict[str, float]] | None = None
+    finish: Callable[[SplitSink], None] | None = None
+    private_prefix: str = ""
+    rows_in: str | None = None  # the key of `sums` that counts the second stage's input
+    out_as_input: str | None = None
+    unit_in: str = "row"
+    unit_out: str = "row"
+
+
 class SplitSink(Datasink):
     """A stage's one write: each block's good rows go to `<stage>/`, its quarantined rows (with `reason`) to
     `quarantine/<stage>/`, in the pass that computes them; with an `Aside`, its flagged rows to `held_dir`.
@@ -106,10 +129,18 @@ class SplitSink(Datasink):
     over the good rows."""
 
     def __init__(self, fs, good_dir: str, bad_dir: str, sum_columns: tuple[str, ...] = (),
-                 aside: Aside | None = None, held_dir: str | None = None):
+                 aside: Aside | None = None, held_dir: str | None = None, then: Then | None = None,
+                 then_dirs: tuple[str, str] | None = None, private_prefix: str = ""):
         self.fs, self.good_dir, self.bad_dir = fs, good_dir, bad_dir
         self.sum_columns = sum_columns
         self.aside, self.held_dir = aside, held_dir
+        self.private_prefix = private_prefix  # columns of good rows only (kept for a later step), not of bad ones
+        # The second stage's own split, fed the first one's good rows through `then.derive` (`then.finish`, the
+        # driver's, does not travel with the sink to the write tasks).
+        self.derive, self.derive_sums = (then.derive, then.sums) if then is not None else (None, None)
+        self.then_sink = SplitSink(fs, *then_dirs, (then.out_as_input,) if then.out_as_input else (),
+                                   private_prefix=then.private_prefix) \
+            if then is not None and then_dirs is not None else None
         self.token = uuid.uuid4().hex[:12]  # drawn on the driver: the same for every try of a task
         self.rows_out = 0
         self.held = 0
@@ -125,11 +156,33 @@ class SplitSink(Datasink):
     def write_tables(self, tables, name: str) -> dict:
         """Split and write `tables` under shard names made of the write's token and `name` (a task's index,
         or the driver's part), and return their counts."""
+        out: dict = {}
+        if self.then_sink is None:
+            for _ in self._split(tables, name, out):
+                pass
+            return out
+        sums: dict[str, float] = {}
+
+        def derived():
+            # The first stage's good rows, derived for the second one's split as each part is written.
+            for good in self._split(tables, name, out):
+                if good.num_rows:
+                    for k, v in (self.derive_sums(good) if self.derive_sums else {}).items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    yield self.derive(good)
+
+        inner = self.then_sink.write_tables(derived(), name)
+        inner["sums"] = {**sums, **inner["sums"]}
+        out["then"] = inner
+        return out
+
+    def _split(self, tables, name: str, out: dict):
+        """Write `tables` (good, quarantined, held), fill `out` with their counts and yield each good part."""
         stem = f"{self.token}-{name}"
         good_out, bad_out = _Shards(self.fs, self.good_dir, stem), _Shards(self.fs, self.bad_dir, stem)
         held_out = _Shards(self.fs, self.held_dir, stem) if self.aside is not None else None
-        out: dict = {"good": 0, "held": 0, "reasons": {}, "sums": dict.fromkeys(self.sum_columns, 0.0),
-                     "schema": None}
+        out.update({"good": 0, "held": 0, "reasons": {}, "sums": dict.fromkeys(self.sum_columns, 0.0),
+                    "schema": None})
         try:
             for table in tables:
                 if held_out is not None and self.aside.flag in table.column_names:
@@ -151,15 +204,17 @@ class SplitSink(Datasink):
                         out["sums"][c] += float(pc.sum(pc.cast(good.column(c), pa.float64())).as_py() or 0.0)
                 if QUARANTINE in table.column_names and table.column(QUARANTINE).null_count < table.num_rows:
                     bad = _bad(table)
+                    if self.private_prefix:
+                        bad = bad.drop_columns([c for c in bad.column_names if c.startswith(self.private_prefix)])
                     bad_out.add(bad)
                     for v in pc.value_counts(bad.column("reason").combine_chunks()).to_pylist():
                         reason = str(v["values"])
                         out["reasons"][reason] = out["reasons"].get(reason, 0) + int(v["counts"])
+                yield good
         finally:
             for shards in (good_out, bad_out, held_out):
                 if shards is not None:
                     shards.finish()
-        return out
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:
@@ -173,9 +228,11 @@ class SplitSink(Datasink):
         for k, v in r["reasons"].items():
             self.reasons[k] = self.reasons.get(k, 0) + v
         for c, v in r["sums"].items():
-            self.sums[c] += v
+            self.sums[c] = self.sums.get(c, 0.0) + v
         if self.schema is None:
             self.schema = r["schema"]
+        if self.then_sink is not None:
+            self.then_sink.add(r.get("then"))
 
 
 def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
@@ -202,6 +259,25 @@ def read_columns(run: RunDir, stage: str, columns: list[str] | None = None) -> p
     return pads.dataset(files, schema=schema, filesystem=run.fs, format="parquet").to_table(columns=have)
 
 
+def stage_batches(run: RunDir, stage: str, where=None):
+    """A stage's rows that pass `where` (a pyarrow.dataset expression), as tables streamed on the driver, batch
+    by batch, each read decoding its whole row group: for a small part of a stage that no shuffle should move.
+    At least one table comes out, empty when no row passes, so that the schema reaches what follows."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    files = stage_files(run, stage)
+    schemas = [pq.read_schema(f, filesystem=run.fs) for f in files]
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    found = False
+    for batch in pads.dataset(files, schema=schema, filesystem=run.fs, format="parquet").to_batches(filter=where):
+        if batch.num_rows:
+            found = True
+            yield pa.Table.from_batches([batch])
+    if not found:
+        yield schema.empty_table()
+
+
 def stage_files(run: RunDir, stage: str) -> list[str]:
     """The parquet shards of a stage, as paths on `run.fs`."""
     return sorted(f.path for f in run.fs.get_file_info(pafs_selector(run.path(stage))) if f.path.endswith(".parquet"))
@@ -224,15 +300,18 @@ def run_stage(
     unit_in: str = "row",
     unit_out: str = "row",
     aside: Aside | None = None,
+    then: Then | None = None,
 ) -> StageRecord:
     """Build the stage's dataset, write good rows to `<stage>/` and the rest to `quarantine/<stage>/`.
 
     `build` returns a lazy Ray Dataset whose rows may carry a reason in the quarantine column. It runs once,
     streaming into one write (`SplitSink`) that splits each block as it comes, so the models run once and the
     rows are never materialized. A `build` that returns a pyarrow table (a decision made on the driver from
-    key columns) is written from the driver, without a Ray Data execution. `aside`: rows held out of the pass
+    key columns), or an iterator of tables (a small part of a stage, streamed), is written from the driver,
+    without a Ray Data execution. `aside`: rows held out of the pass
     and settled after it (`Aside`). `out_as_input` names a column whose total over the good rows counts them
-    in the input's unit (the statistics' `n`: responses per prompt row).
+    in the input's unit (the statistics' `n`: responses per prompt row). `then`: a second stage written by
+    the same pass (`Then`), committed after this one; a skipped stage computes no second one.
     """
     if run.is_complete(stage, fp):
         rec = run.stage_record(stage)
@@ -241,31 +320,55 @@ def run_stage(
         say(f"stage {stage}: complete for this config, skipped ({rec.rows_out} {unit_out}s)")
         return rec
 
-    say(f"stage {stage}: running")
+    say(f"stage {stage}: running" + (f" (and {then.stage}, in the same pass)" if then is not None else ""))
     t0 = time.perf_counter()
     # A folder without this fingerprint's _SUCCESS is a killed run's or another config's: cleared, not mixed.
     held_dir = run.path(stage + HELD_SUFFIX)
-    run.remove(stage)
-    run.remove(QUARANTINE_DIR, stage)
+    for name in (stage, *((then.stage,) if then is not None else ())):
+        run.remove(name)
+        run.remove(QUARANTINE_DIR, name)
     run.remove(stage + HELD_SUFFIX)
 
     ds = build()
     sink = SplitSink(run.fs, run.path(stage), run.path(QUARANTINE_DIR, stage),
-                     (out_as_input,) if out_as_input else (), aside=aside, held_dir=held_dir)
+                     (out_as_input,) if out_as_input else (), aside=aside, held_dir=held_dir, then=then,
+                     then_dirs=(run.path(then.stage), run.path(QUARANTINE_DIR, then.stage)) if then else None)
     if isinstance(ds, pa.Table):
         sink.add(sink.write_tables([ds], "driver"))
+    elif isinstance(ds, Iterator):  # tables streamed through the driver
+        sink.add(sink.write_tables(ds, "driver"))
     else:
         ds.write_datasink(sink)
     if aside is not None and sink.held:
         # The held rows (a few per cent: the ids that repeat) are judged together on the driver and written
-        # beside the others; their side folder goes once they are in.
+        # beside the others (and derived, with a second stage); their side folder goes once they are in.
         held = read_columns(run, stage + HELD_SUFFIX)
         sink.add(sink.write_tables([aside.settle(held)], "settled"))
     run.remove(stage + HELD_SUFFIX)
+    rec = _commit(run, stage, fp, sink, lambda: sink.schema or _schema_of(ds), t0, rows_in=rows_in,
+                  out_as_input=out_as_input, unit_in=unit_in, unit_out=unit_out)
+    if then is not None:
+        t1 = time.perf_counter()
+        inner = sink.then_sink
+        assert inner is not None
+        if then.finish is not None:
+            then.finish(inner)
+
+        def derived_schema() -> pa.Schema:
+            return inner.schema or _schema_of(then.derive(sink.schema.empty_table()) if sink.schema else pa.table({}))
+
+        _commit(run, then.stage, then.fp, inner, derived_schema, t1,
+                rows_in=(lambda: int(round(inner.sums.get(then.rows_in, 0.0)))) if then.rows_in else None,
+                out_as_input=then.out_as_input, unit_in=then.unit_in, unit_out=then.unit_out)
+    return rec
+
+
+def _commit(run: RunDir, stage: str, fp: str, sink: SplitSink, schema: Callable[[], pa.Schema], t0: float, *,
+            rows_in, out_as_input: str | None, unit_in: str, unit_out: str) -> StageRecord:
+    """A written stage's counts checked and recorded, then its _SUCCESS: the commit."""
     rows_out, quarantined = sink.rows_out, dict(sorted(sink.reasons.items()))
     if not rows_out:
-        schema = sink.schema or _schema_of(ds)
-        _empty_shard(run, stage, _good(schema.empty_table()).schema)
+        _empty_shard(run, stage, _good(schema().empty_table()).schema)
     if quarantined:
         run.write_text(fp, QUARANTINE_DIR, stage, SUCCESS)
     # rows_in=None: a 1:1 stage whose every input row comes out, good or quarantined.
@@ -295,6 +398,29 @@ def run_stage(
             f"{rec.rows_out_as_input} out + {rec.quarantined_total} quarantined"
         )
     return rec
+
+
+def rewrite_shards(run: RunDir, stage: str, fn: Callable[[pa.Table], pa.Table]) -> None:
+    """Each parquet shard of a stage replaced by `fn(shard)`, one Ray task per shard (before the stage's
+    commit: a driver killed meanwhile leaves the folder without _SUCCESS, and the rerun starts it again)."""
+    import ray
+
+    task = ray.remote(num_cpus=0.5)(_rewrite_shard)
+    ray.get([task.remote(run.fs, path, fn) for path in stage_files(run, stage)])
+
+
+def _rewrite_shard(fs, path: str, fn: Callable[[pa.Table], pa.Table]) -> None:
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    new = path[: -len(".parquet")] + "-r.parquet"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:  # a retried task whose first try got this far
+        return
+    with fs.open_input_file(path) as f:
+        table = fn(pq.read_table(f))
+    with fs.open_output_stream(new) as f:
+        pq.write_table(table, f)
+    fs.delete_file(path)
 
 
 def _schema_of(ds) -> pa.Schema:

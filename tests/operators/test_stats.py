@@ -24,6 +24,7 @@ from operators.stats import (
     StatsParams,
     best_worst,
     chunk_bounds,
+    fill_pd,
     implied_rewards,
     pearson,
     preference_divergence,
@@ -228,6 +229,27 @@ def test_length_debias_modes_by_hand():
     # none: plain z-scores
     none = PDNorms(mode="none", aspects={"a": AspectNorm(mean=2.5, std=math.sqrt(1.25))})
     assert normalized_aspect(v, lengths, none.aspects["a"], none) == pytest.approx((v - 2.5) / math.sqrt(1.25))
+
+
+@pytest.mark.parametrize("mode", ["none", "penalty", "residual"])
+def test_pd_from_its_parts_equals_pd_with_the_norms_known(mode):
+    """The read's pass writes PD's parts (raw aspect differences of the pair) before the norms exist; PD filled
+    from them afterwards must be the PD computed with the norms in hand, in every length mode, with an aspect of
+    zero spread (z = 0) and a missing aspect score (skipped)."""
+    rng = np.random.default_rng(1)
+    rows = [{"prompt_id": f"p{i // 3}", "sample_idx": i % 3, "reward": float(rng.normal()),
+             "response": "r" * int(n), "response_len": int(n), "reward__x": float(rng.normal(5, 2)),
+             "reward__y": float(rng.normal()), "reward__flat": 2.0}
+            for i, n in enumerate(rng.integers(1, 300, 24))]
+    rows[4]["reward__y"] = None
+    t = long_table(rows)
+    norms = norms_from_sums(block_sums(t), ["flat", "x", "y"], mode, 0.7)
+    direct = prompt_stats(t, StatsParams(norms=norms))
+    later = fill_pd(prompt_stats(t, StatsParams(pd_parts=True)), norms)
+    assert later.column_names == direct.column_names
+    assert later.column("pd").to_pylist() == pytest.approx(direct.column("pd").to_pylist(), abs=1e-12)
+    assert later.drop_columns(["pd"]).equals(direct.drop_columns(["pd"]))
+    assert np.isfinite(np.asarray(later.column("pd").to_pylist(), float)).all()
 
 
 def test_residual_removes_length_correlation():

@@ -181,14 +181,17 @@ def test_a_runs_rated_output_is_input_to_another_run(uf_run, tmp_path):
 def test_parquet_duplicate_ids_across_files(ray_local, tmp_path):
     """Parquet is read twice, the ids alone and then whole rows (each row named by its file and place); the
     duplicate rule must come out as on JSONL: an exact copy keeps one row, an id whose rows differ loses all,
-    and a copy already quarantined for another reason does not make its id a duplicate."""
+    and a copy already quarantined for another reason does not make its id a duplicate. The statistics come
+    out of the same pass (the held rows' at their settlement, PD once the norms are known) and must equal
+    those computed from prompts/ by a rerun whose stats/ was left uncommitted, as by a killed driver."""
     import pyarrow as pa
 
     def row(pid, prompt, *rewards):
         return {"prompt_id": pid, "prompt": prompt,
-                "responses": [{"text": f"{pid}-{i}", "overall": r} for i, r in enumerate(rewards)]}
+                "responses": [{"text": f"{pid}-{i}" * (i + 1), "overall": r,
+                               "scores": {"a": r * r, "b": 3.0 - r + i}} for i, r in enumerate(rewards)]}
 
-    first = [row("same", "p", 1.0, 2.0), row("clash", "p", 1.0, 2.0), row("solo", "p", 3.0, 1.0),
+    first = [row("same", "p", 1.0, 2.0), row("clash", "p", 1.0, 2.0), row("solo", "p", 3.0, 1.0, 2.5),
              row("blank", "p", 1.0, 4.0)]
     second = [row("same", "p", 1.0, 2.0), row("clash", "p", 1.0, 5.0), row("blank", "  ", 1.0, 4.0)]
     data = tmp_path / "in"
@@ -205,4 +208,18 @@ def test_parquet_duplicate_ids_across_files(ray_local, tmp_path):
                        ("clash", "conflicting_duplicate_prompt_id"), ("same", "duplicate_prompt_id")]
     m = check_manifest(out)
     assert (m["stages"]["prompts"]["rows_in"], m["stages"]["prompts"]["rows_out"]) == (7, 3)
-    assert m["stages"]["stats"]["rows_in"] == 6  # the kept prompts' responses
+    assert m["stages"]["stats"]["rows_in"] == 7  # the kept prompts' responses
+    fused = {r["prompt_id"]: r for r in read(out, "stats")}
+    assert all(math.isfinite(r["pd"]) for r in fused.values()) and not any(c.startswith("_") for c in
+                                                                           next(iter(fused.values())))
+    (out / "stats" / "_SUCCESS").unlink()
+    curate.main(run_cfg(out, **{"input.path": str(data), "select.fraction": 1.0}))
+    again = {r["prompt_id"]: r for r in read(out, "stats")}
+    assert again.keys() == fused.keys() == {"same", "solo", "blank"}
+    for pid, r in again.items():
+        assert list(r) == list(fused[pid])
+        for k, v in r.items():
+            assert fused[pid][k] == (pytest.approx(v, abs=1e-12) if isinstance(v, float) else v), (pid, k)
+    counts = ("rows_in", "rows_out", "rows_out_as_input", "quarantined")
+    rec = check_manifest(out)["stages"]["stats"]
+    assert [rec[k] for k in counts] == [m["stages"]["stats"][k] for k in counts]

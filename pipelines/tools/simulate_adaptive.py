@@ -10,7 +10,8 @@ by the PVar estimate on what was drawn, and compares with the top `fraction` by 
 `recall_even` spends the same number of samples spread evenly over the prompts. No Ray: this is numpy.
 
 Settings: the grid below, in which every `adaptive.<key>` given (in the config or as an override) pins that
-key. Output: a table, then one JSON line per setting.
+key. Output: a table, then one JSON line per setting: means over the draw orders, with `<key>_sd` their spread
+and `<key>_se` the standard error of the mean.
 
 `oracle=[alpha, ...]` adds a reference no real run can use: a prompt continues while its probability of being
 in the full-K selection, given how many samples it drew and its PVar estimate, is at least alpha, with that
@@ -243,7 +244,17 @@ def simulate(data: Rewards, cfg: AdaptiveCfg, repeats: int, seed: int, rule: Rul
     res = {key: round(float(np.mean(v)), 4) for key, v in out.items()}
     for key in ("recall", "sample_share", "recall_even"):
         res[f"{key}_sd"] = round(float(np.std(out[key])), 4)  # the spread over draw orders
+        se = standard_error(out[key])
+        res[f"{key}_se"] = None if se is None else round(se, 4)
     return res
+
+
+def standard_error(values: list[float]) -> float | None:
+    """The standard error of a mean over draw orders: the sample standard deviation (n - 1) over sqrt(n);
+    None for one draw order. A target is met only if it holds beyond this; two settings compare more
+    tightly on the same draw orders (the same seed), where the noise is shared."""
+    n = len(values)
+    return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,12 +315,13 @@ def run(path: str, cfg: SimulateCfg, pinned: set[str]) -> list[dict]:
                      "k0": s.k0, "step": s.step, "k_max": s.k_max, "keep": s.keep, "z": s.z, "resume": s.resume,
                      "fraction": s.fraction, "tau": s.tau, "repeats": cfg.repeats,
                      **({"alpha": alpha} if rule else {}), **res})
-    head = f"{'rule':<21} {'k0':>3} {'step':>4} {'share':>6} {'recall':>7} {'sd':>6} {'strict':>7} " \
+    head = f"{'rule':<21} {'k0':>3} {'step':>4} {'share':>6} {'recall':>7} {'sd':>6} {'se':>6} {'strict':>7} " \
            f"{'even':>6} {'rounds':>6}"
     print(head)
     for r in rows:
+        se = "-" if r["recall_se"] is None else f"{r['recall_se']:.3f}"
         print(f"{describe(r):<21} {r['k0']:>3} "
-              f"{r['step']:>4} {r['sample_share']:>6.3f} {r['recall']:>7.3f} {r['recall_sd']:>6.3f} "
+              f"{r['step']:>4} {r['sample_share']:>6.3f} {r['recall']:>7.3f} {r['recall_sd']:>6.3f} {se:>6} "
               f"{r['recall_strict']:>7.3f} {r['recall_even']:>6.3f} {r['rounds']:>6.1f}")
     for r in rows:
         print(json.dumps(r))

@@ -20,6 +20,7 @@ from pipelines.tools.simulate_adaptive import (
     read_rewards,
     settings,
     simulate,
+    standard_error,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +65,16 @@ def test_ucb_stops_the_flat_prompts_after_the_first_round(tmp_path):
     assert res["sample_share"] == pytest.approx(0.55, abs=1e-12)
     assert res["recall"] == res["recall_strict"] == 1.0
     assert res["sample_share_sd"] == res["recall_sd"] == 0.0  # the same in every draw order
+    assert res["sample_share_se"] == res["recall_se"] == 0.0
     assert res["rounds"] == 3  # 4 -> 6 -> 8, then the cap
+
+
+def test_standard_error_by_hand():
+    # [0.8, 0.9, 1.0]: mean 0.9, squared deviations 0.01 + 0 + 0.01, sample variance 0.02 / 2 = 0.01,
+    # sd 0.1, se 0.1 / sqrt(3) = 0.057735; one draw order has none.
+    assert standard_error([0.8, 0.9, 1.0]) == pytest.approx(0.1 / 3 ** 0.5, abs=1e-12)
+    assert standard_error([0.7, 0.7]) == 0.0
+    assert standard_error([0.9]) is None
 
 
 def test_rank_halves_the_prompts_in_play_each_round(tmp_path):

@@ -18,10 +18,17 @@ and max_model_len, prefix caching on. Prompts too long for max_model_len - max_t
 
 Start-up is EXCLUDED: raw times `llm.generate` (with tokenization) after `LLM(...)` returned; the pipeline
 counts from the moment its actor's engine was ready (the actor logs it) until `materialize()` returned.
-ray.data.llm builds its engine inside its own stage, so its time is wall time minus the raw engine's
-start-up measured in this run (labelled as such). Samples are compared by (prompt_id, sample_idx): the same
-seed gives the same tokens unless another batch composition rounds a logit differently; the count of
-samples that differ is printed.
+ray.data.llm builds its engine inside its own stage, so its time is wall time minus the raw engine's median
+start-up in this run (labelled as such). Samples are compared by (prompt_id, sample_idx) with the first raw
+round's: the same seed gives the same tokens unless another batch composition rounds a logit differently;
+the count of samples that differ is printed, per contender and round.
+
+On a small shared machine one contender's place in the run moves its speed more than the engines differ,
+so every contender runs `--repeats` rounds (default 3), each round in a rotated order (ABC, BCA, CAB): every
+contender holds every place once when the repeats equal the contenders. A ratio is taken within a round
+(contender over that round's raw call); the headline is the median over the rounds, printed with each
+round's ratio and the spread. Each round is a fresh process with its own engine: Ray Data builds the
+actor, and so the engine, per execution, and engines kept alive side by side would hold a KV cache each.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -113,7 +121,7 @@ def _engine_cfg(a: argparse.Namespace, engine: str = "async", backend: str = "vl
     return GenerateCfg(
         backend=backend, engine=engine, model=a.model, num_samples=a.k, temperature=TEMPERATURE, top_p=TOP_P,
         max_tokens=a.max_tokens, dtype=a.dtype, max_model_len=a.max_model_len, batch_size=a.batch_size,
-        max_concurrent_batches=a.max_concurrent_batches,
+        max_concurrent_batches=a.max_concurrent_batches, max_requests_in_flight=a.max_requests_in_flight,
         # On 2 CPUs a whole-CPU actor would leave nothing for Ray Data's read and write tasks (DESIGN.md).
         num_cpus=a.actor_cpus, num_gpus_per_worker=1.0 if cuda and backend == "hf" else 0.0,
         gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=True,
@@ -163,7 +171,8 @@ def run_pipeline(a: argparse.Namespace, prompts: list[dict], engine: str, backen
 
     init_s = init_local_ray(object_store_gb=1.0)
     cfg = _engine_cfg(a, engine, backend)
-    log = os.path.join(os.path.dirname(a.prompts_file), f"timings-{backend}-{engine}.jsonl")
+    # One log per contender process: every round runs in a process of its own.
+    log = os.path.join(os.path.dirname(a.prompts_file), f"timings-{backend}-{engine}-{os.getpid()}.jsonl")
     ds = ray.data.from_arrow(pa.Table.from_pylist([{k: r[k] for k in ("prompt_id", "prompt", "source")}
                                                    for r in prompts]))
     w0 = time.time()
@@ -219,10 +228,10 @@ def run_ray_data_llm(a: argparse.Namespace, prompts: list[dict]) -> dict:
     tok = AutoTokenizer.from_pretrained(a.model)
     texts = tok.batch_decode([r["token_ids"] for r in out], skip_special_tokens=True)
     lengths = [len(r["token_ids"]) for r in out]
-    seconds = wall - a.raw_startup_s
+    # seconds and tok_s include the engine's start-up here; main() subtracts the raw engine's median start-up.
     return {**_samples_out([(r["prompt_id"], r["sample_idx"]) for r in out], lengths, texts),
-            "seconds": seconds, "wall_s": wall, "startup_s": a.raw_startup_s, "startup_is_estimate": True,
-            "calls": -(-len(rows) // (a.batch_size * a.k)), "tok_s": sum(lengths) / seconds, "ray_init_s": init_s}
+            "seconds": wall, "wall_s": wall, "startup_is_estimate": True,
+            "calls": -(-len(rows) // (a.batch_size * a.k)), "tok_s": sum(lengths) / wall, "ray_init_s": init_s}
 
 
 def length_summary(lengths: list[int], cap: int) -> dict:
@@ -244,6 +253,63 @@ def compare_samples(base: dict, other: dict) -> dict:
             "missing": len(base.keys() - other.keys())}
 
 
+def summarize(rounds: list[dict[str, dict]], cap: int, expected: int) -> tuple[dict, dict, dict, str]:
+    """Per contender: the median round (tok_s, seconds) with every round kept under `rounds`; the sample
+    check against the first raw round; each round's ratio over that round's raw call, their median and
+    spread; the table, one row per contender and round."""
+    names = list(dict.fromkeys(n for rnd in rounds for n in rnd))
+    raw_startups = [rnd["raw-vllm"]["startup_s"] for rnd in rounds if "raw-vllm" in rnd]
+    by_key: dict[str, list[dict]] = {n: [] for n in names}
+    for rnd in rounds:
+        for n, r in rnd.items():
+            by_key[n].append(r.pop("by_key"))
+            if n == "ray-data-llm" and raw_startups:  # its engine starts inside the timed stage
+                r["startup_s"] = median(raw_startups)
+                r["seconds"] = r["wall_s"] - r["startup_s"]
+                r["tok_s"] = r["tokens"] / r["seconds"]
+    base_name = "raw-vllm" if "raw-vllm" in names else names[0]
+    base = by_key[base_name][0] if names else {}
+    res, spread, check = {}, {}, {"samples_expected": expected, "same_as_raw": {}}
+    check["all_samples"] = all(r["samples"] == expected for rnd in rounds for r in rnd.values())
+    rows = []
+    for n in names:
+        runs = [(i, rnd[n]) for i, rnd in enumerate(rounds) if n in rnd]
+        per_round = []
+        for i, r in runs:
+            raw = rounds[i].get("raw-vllm", {}).get("tok_s")
+            per_round.append(ratio(r["tok_s"], raw))
+            rows.append([LABELS[n], i + 1, list(rounds[i]).index(n) + 1, r["calls"], r["tokens"], r["seconds"],
+                         r["tok_s"], per_round[-1], r["startup_s"], r["load_1m"]])
+        tok_s = [r["tok_s"] for _, r in runs]
+        mid = min(runs, key=lambda ir: abs(ir[1]["tok_s"] - median(tok_s)))[1]
+        res[n] = {**{k: v for k, v in mid.items() if k != "load_1m"}, "tok_s": median(tok_s),
+                  "seconds": median([r["seconds"] for _, r in runs]),
+                  "rounds": [{k: r[k] for k in ("tok_s", "seconds", "startup_s", "load_1m")} for _, r in runs],
+                  "lengths": length_summary([v[0] for v in by_key[n][0].values()], cap)}
+        # Rounds compared with the first raw round (raw's own later rounds too): the one with most differences.
+        compared = [compare_samples(base, k) for k in by_key[n][1 if n == base_name else 0:]]
+        if compared:
+            worst = max(compared, key=lambda c: (c["differ"] + c["missing"], -c["compared"]))
+            check["same_as_raw"][n] = {**worst, "rounds": len(compared),
+                                       "rounds_identical": sum(not c["differ"] and not c["missing"] for c in compared)}
+        if n != "raw-vllm" and per_round and None not in per_round:
+            spread[n] = {"per_round": per_round, "median": round(median(per_round), 4), "min": min(per_round),
+                         "max": max(per_round), "spread": round(max(per_round) - min(per_round), 4)}
+    table = markdown_table(["contender", "round", "place", "map_batches calls", "tokens", "seconds (excl. start-up)",
+                            "tokens/s", "x raw (same round)", "start-up s (excluded)", "load 1m"], rows)
+    if spread:
+        table += "\n\n" + markdown_table(
+            ["contender", "x raw, median of rounds", "min", "max", "each round"],
+            [[LABELS[n], sp["median"], sp["min"], sp["max"], ", ".join(f"{v:.2f}" for v in sp["per_round"])]
+             for n, sp in spread.items()])
+    if names:
+        ls = res[base_name]["lengths"]
+        table += (f"\n\noutput lengths ({LABELS[base_name]}): mean {ls.get('mean')}, p10 {ls.get('p10')}, "
+                  f"p50 {ls.get('p50')}, p90 {ls.get('p90')}, p99 {ls.get('p99')}, max {ls.get('max')}, "
+                  f"{ls.get('at_cap')} of {ls.get('samples')} at the cap {cap}")
+    return res, check, spread, table
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(ap)
@@ -254,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eos-offset", type=float, default=-0.4, help="tiny policy only: eos logit offset")
     ap.add_argument("--batch-size", type=int, default=64, help="prompts per map_batches call, every contender")
     ap.add_argument("--max-concurrent-batches", type=int, default=4)
+    ap.add_argument("--max-requests-in-flight", type=int, default=None, help="default: the engine's own")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="rounds of every contender, each in a rotated order; default 3, 1 with --quick")
     ap.add_argument("--actor-cpus", type=float, default=1.0)
     ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="0.3 on CPU (DESIGN.md), 0.85 GPU")
@@ -262,13 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contender", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
-    ap.add_argument("--raw-startup-s", type=float, default=0.0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     cuda = cuda_available()
     a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
     a.gpu_memory_utilization = a.gpu_memory_utilization or (0.85 if cuda else 0.3)
     a.prompts = a.prompts or (8 if a.quick else 512)
     a.max_tokens = a.max_tokens or (16 if a.quick else 512)
+    a.repeats = a.repeats or (1 if a.quick else 3)
     if a.quick:
         a.batch_size = min(a.batch_size, 2)
 
@@ -305,53 +374,50 @@ def main(argv: list[str] | None = None) -> int:
     base = ["--model", model, "--prompts-file", str(pfile), "--k", str(a.k), "--max-tokens", str(a.max_tokens),
             "--max-model-len", str(a.max_model_len), "--batch-size", str(a.batch_size),
             "--max-concurrent-batches", str(a.max_concurrent_batches), "--dtype", a.dtype,
-            "--gpu-memory-utilization", str(a.gpu_memory_utilization), "--actor-cpus", str(a.actor_cpus)]
-    res: dict[str, dict] = {}
-    load: dict[str, float] = {}
+            "--gpu-memory-utilization", str(a.gpu_memory_utilization), "--actor-cpus", str(a.actor_cpus),
+            *(["--max-requests-in-flight", str(a.max_requests_in_flight)] if a.max_requests_in_flight else [])]
+    rounds: list[dict[str, dict]] = []  # per round: contender -> its result, in the round's order
     try:
-        for name in wanted:
-            print(f"[bench_generate] {name} ... (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-            load[name] = round(os.getloadavg()[0], 2)
-            extra = ["--raw-startup-s", str(res.get("raw-vllm", {}).get("startup_s", 0.0))]
-            try:
-                res[name] = run_contender(Path(__file__).resolve(), [*base, *extra, "--contender", name])
-            except RuntimeError as e:
-                if name != "ray-data-llm":
-                    raise
-                notes.append(f"ray.data.llm did not run here: {str(e).splitlines()[-1][:300]}")
+        for rep in range(a.repeats):
+            order = wanted[rep % len(wanted):] + wanted[:rep % len(wanted)]
+            rounds.append({})
+            for name in order:
+                load = round(os.getloadavg()[0], 2)
+                print(f"[bench_generate] round {rep + 1}/{a.repeats}: {name} ... (load {load})", file=sys.stderr,
+                      flush=True)
+                try:
+                    r = run_contender(Path(__file__).resolve(), [*base, "--contender", name])
+                except RuntimeError as e:
+                    if name != "ray-data-llm":
+                        raise
+                    notes.append(f"ray.data.llm did not run in round {rep + 1}: {str(e).splitlines()[-1][:300]}")
+                    continue
+                rounds[-1][name] = {**r, "load_1m": load}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    base_name = "raw-vllm" if "raw-vllm" in res else next(iter(res), None)
-    by_key = {n: r.pop("by_key") for n, r in res.items()}
-    lengths = {n: length_summary([v[0] for v in by_key[n].values()], a.max_tokens) for n in res}
-    check = {"samples_expected": len(prompts) * a.k,
-             "all_samples": all(r["samples"] == len(prompts) * a.k for r in res.values()),
-             "same_as_raw": {n: compare_samples(by_key[base_name], by_key[n]) for n in res if n != base_name}}
-    rows = [[LABELS[n], r["calls"], r["tokens"], r["samples"], r["seconds"], r["tok_s"],
-             ratio(r["tok_s"], res.get("raw-vllm", {}).get("tok_s")), r["startup_s"], load[n]]
-            for n, r in res.items()]
-    table = markdown_table(["contender", "map_batches calls", "tokens", "samples", "seconds (excl. start-up)",
-                            "tokens/s", "x raw", "start-up s (excluded)", "load 1m"], rows)
-    if base_name:
-        ls = lengths[base_name]
-        table += (f"\n\noutput lengths ({LABELS[base_name]}): mean {ls.get('mean')}, p10 {ls.get('p10')}, "
-                  f"p50 {ls.get('p50')}, p90 {ls.get('p90')}, p99 {ls.get('p99')}, max {ls.get('max')}, "
-                  f"{ls.get('at_cap')} of {ls.get('samples')} at the cap {a.max_tokens}")
-    raw = res.get("raw-vllm", {}).get("tok_s")
-    ratios = {f"{n.replace('-', '_')}_over_raw_vllm": ratio(r["tok_s"], raw) for n, r in res.items() if n != "raw-vllm"}
-    ratios["async_over_sync"] = ratio(res.get("async", {}).get("tok_s"), res.get("sync", {}).get("tok_s"))
+    res, check, spread, table = summarize(rounds, a.max_tokens, len(prompts) * a.k)
+    for n, c in check["same_as_raw"].items():
+        if c["differ"] or c["missing"]:
+            notes.append(f"{n}: {c['differ']} samples differ from raw's and {c['missing']} are missing in its worst "
+                         "round; a sample's seed is its own, so a difference comes from the batch it ran in "
+                         "(another composition rounds the logits differently)")
     # The target is on the engine generate.engine=auto picks on this device (operators.vllm_engines.resolve_engine).
     auto = resolve_engine(GenerateCfg(backend="vllm")) if have_vllm else "async"
     if have_vllm:
         notes.append(f"generate.engine=auto picks the {auto} engine here")
-    emit("generation", clean({"prompts": len(prompts), "k": a.k, **res, "lengths": lengths, "check": check}),
+    ratios = {f"{n.replace('-', '_')}_over_raw_vllm": sp["median"] for n, sp in spread.items()}
+    ratios["async_over_sync"] = ratio(res.get("async", {}).get("tok_s"), res.get("sync", {}).get("tok_s"))
+    emit("generation", clean({"prompts": len(prompts), "k": a.k, **res, "check": check, "ratio_spread": spread}),
          ratios, table=table, notes=notes, targets={f"{auto}_over_raw_vllm": ">= 0.95"},
          config={"model_shape": a.model_shape, "prompts": len(prompts), "k": a.k, "max_tokens": a.max_tokens,
                  "max_model_len": a.max_model_len, "eos_offset": a.eos_offset if a.model_shape == "tiny" else None,
                  "batch_size": a.batch_size, "max_concurrent_batches": a.max_concurrent_batches,
                  "actor_cpus": a.actor_cpus, "dtype": a.dtype, "temperature": TEMPERATURE, "top_p": TOP_P,
-                 "quick": a.quick, "startup": "excluded from all", "load_1m_at_start": load})
+                 "quick": a.quick, "startup": "excluded from all", "repeats": a.repeats,
+                 "max_requests_in_flight": a.max_requests_in_flight,
+                 "orders": [list(r) for r in rounds], "load_1m_at_start": [{n: r["load_1m"] for n, r in rnd.items()}
+                                                                        for rnd in rounds]})
     return 0
 
 

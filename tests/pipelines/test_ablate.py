@@ -39,7 +39,8 @@ def ablate_config(run_dir: Path, tiny_models: dict[str, str], **over) -> AblateC
             "input": {"path": str(DATA / "arena_hard_heldout_50.jsonl.gz"), "limit": 6},
             "generate": {"backend": "hf", "num_samples": 2, "max_tokens": 6, "max_model_len": 256,
                          "num_cpus": 0.5},
-            "score": {"models": [{"path": tiny_models["reward_multi"]}], "num_cpus": 0.5},
+            # hf: a vLLM pooling engine per evaluation stage costs more than its 12 samples (test_score has it)
+            "score": {"models": [{"path": tiny_models["reward_multi"]}], "backend": "hf", "num_cpus": 0.5},
             "bootstrap": 200,
         },
         "ray": {"num_cpus": 2, "object_store_memory_gb": 1.0, "progress": False},

@@ -125,9 +125,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         cpus = num_cpus or os.cpu_count() or 2
         # On small machines the object store default (30% of RAM) competes with model memory.
         store = int((object_store_gb or 2.0) * (1 << 30))
-        # Ray Data lists parquet footers with 32 reader actors by default: 32 worker processes to start on a
-        # laptop before the first row is read (~2 s per read on 2 cores). Workers inherit this environment.
-        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(min(32, cpus)))
+        # Ray Data lists parquet footers with a pool of 32 reader actors, started and killed again for every
+        # read: 32 worker processes to start before the first row is read, on every stage. Footers of local
+        # files are small local reads, and one actor runs 128 of them at once; on 2 cores a second actor
+        # doubled a small read's time instead (README, Performance). Workers inherit this environment.
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(max(1, min(32, cpus // 8))))
         ray.init(num_cpus=cpus, object_store_memory=store, runtime_env={"worker_process_setup_hook": SETUP_HOOK},
                  **kwargs)
         if "RAY_DATA_SHUFFLE_INPUT_BATCH_BYTES" not in os.environ:

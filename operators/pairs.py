@@ -35,6 +35,11 @@ def join_selection(batch: pa.Table, selection: pa.Table) -> pa.Table:
     return batch
 
 
+def selected_pairs(batch: pa.Table, selection: pa.Table) -> pa.Table:
+    """The pairs of a batch of statistics rows, for the selected prompts among them."""
+    return build_pairs(join_selection(batch, selection))
+
+
 def build_pairs(batch: pa.Table) -> pa.Table:
     """Selected statistics rows -> pair rows. A prompt whose responses all scored the same has no preference
     to learn from; it is quarantined (`all_rewards_equal`) rather than paired with itself. So is a pair whose

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.pairs import DECISION_COLUMNS, build_pairs, join_selection
+from operators.pairs import DECISION_COLUMNS, selected_pairs
 from operators.select import SELECT_COLUMNS, Budget, RuleParams, select
 from pipelines.runtime.config import CurateConfig, SelectCfg, fingerprint, to_dict
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
-from pipelines.runtime.stages import read_columns, run_stage, stage_batches
+from pipelines.runtime.stages import PerShard, read_columns, run_stage
 
 
 def key_columns(run: RunDir, cfg: SelectCfg) -> pa.Table:
@@ -50,11 +51,9 @@ def run_selection(run: RunDir, cfg: CurateConfig, stats_fp: str, stats_run: RunD
     def build_pairs_ds():
         keys = read_columns(run, "selection", ["prompt_id", *DECISION_COLUMNS])
         chosen["keys"] = keys.filter(pc.fill_null(keys.column("selected"), False)) if keys.num_rows else keys
-        # Streamed through the driver: the selected prompts' statistics rows (a budget's fraction, filtered
-        # batch by batch as the shards are read, in parquet's own threads) are paired and written from there,
-        # without a Ray Data execution and its fixed cost. Only one batch of statistics is held at a time.
-        return (build_pairs(join_selection(batch, chosen["keys"]))
-                for batch in stage_batches(src, "stats", pc.field("prompt_id").isin(chosen["keys"]["prompt_id"])))
+        # One Ray task per statistics shard pairs the selected prompts' rows and writes them: a map over a few
+        # large shards, without a Ray Data execution's fixed cost; no text reaches the driver.
+        return PerShard(src, "stats", partial(selected_pairs, selection=chosen["keys"]))
 
     pairs = run_stage(run, "pairs", fingerprint(select_fp, "pairs-v1"), build_pairs_ds,
                       rows_in=lambda: chosen["keys"].num_rows, unit_in="selected prompt", unit_out="pair")

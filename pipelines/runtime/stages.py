@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from ray.data.datasource import Datasink
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL
+from operators.read import read_parquet_files
 from operators.stats import QUARANTINE_SAMPLE
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import SUCCESS, RunDir, StageRecord
@@ -239,10 +240,7 @@ def read_stage(run: RunDir, stage: str, columns: list[str] | None = None):
     """A stage's shards as a dataset, one read task per shard: a stage writes a few large shards (one per write
     task), and more read tasks than shards would split each file's blocks in an operator of its own, which the
     next map cannot fuse with, and start a task per piece."""
-    import ray
-
-    return ray.data.read_parquet(run.path(stage), filesystem=run.fs, columns=columns, file_extensions=["parquet"],
-                                 override_num_blocks=max(1, len(stage_files(run, stage))))
+    return read_parquet_files(run.path(stage), filesystem=run.fs, columns=columns, file_extensions=["parquet"])
 
 
 def read_columns(run: RunDir, stage: str, columns: list[str] | None = None) -> pa.Table:
@@ -257,25 +255,6 @@ def read_columns(run: RunDir, stage: str, columns: list[str] | None = None) -> p
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     have = None if columns is None else [c for c in columns if c in schema.names]
     return pads.dataset(files, schema=schema, filesystem=run.fs, format="parquet").to_table(columns=have)
-
-
-def stage_batches(run: RunDir, stage: str, where=None):
-    """A stage's rows that pass `where` (a pyarrow.dataset expression), as tables streamed on the driver, batch
-    by batch, each read decoding its whole row group: for a small part of a stage that no shuffle should move.
-    At least one table comes out, empty when no row passes, so that the schema reaches what follows."""
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    files = stage_files(run, stage)
-    schemas = [pq.read_schema(f, filesystem=run.fs) for f in files]
-    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-    found = False
-    for batch in pads.dataset(files, schema=schema, filesystem=run.fs, format="parquet").to_batches(filter=where):
-        if batch.num_rows:
-            found = True
-            yield pa.Table.from_batches([batch])
-    if not found:
-        yield schema.empty_table()
 
 
 def stage_files(run: RunDir, stage: str) -> list[str]:
@@ -307,8 +286,8 @@ def run_stage(
     `build` returns a lazy Ray Dataset whose rows may carry a reason in the quarantine column. It runs once,
     streaming into one write (`SplitSink`) that splits each block as it comes, so the models run once and the
     rows are never materialized. A `build` that returns a pyarrow table (a decision made on the driver from
-    key columns), or an iterator of tables (a small part of a stage, streamed), is written from the driver,
-    without a Ray Data execution. `aside`: rows held out of the pass
+    key columns) is written from the driver, without a Ray Data execution; one that returns a `PerShard`, by
+    a Ray task per shard of the stage it maps. `aside`: rows held out of the pass
     and settled after it (`Aside`). `out_as_input` names a column whose total over the good rows counts them
     in the input's unit (the statistics' `n`: responses per prompt row). `then`: a second stage written by
     the same pass (`Then`), committed after this one; a skipped stage computes no second one.
@@ -335,8 +314,8 @@ def run_stage(
                      then_dirs=(run.path(then.stage), run.path(QUARANTINE_DIR, then.stage)) if then else None)
     if isinstance(ds, pa.Table):
         sink.add(sink.write_tables([ds], "driver"))
-    elif isinstance(ds, Iterator):  # tables streamed through the driver
-        sink.add(sink.write_tables(ds, "driver"))
+    elif isinstance(ds, PerShard):
+        _per_shard(ds, sink)
     else:
         ds.write_datasink(sink)
     if aside is not None and sink.held:
@@ -400,20 +379,56 @@ def _commit(run: RunDir, stage: str, fp: str, sink: SplitSink, schema: Callable[
     return rec
 
 
-def rewrite_shards(run: RunDir, stage: str, fn: Callable[[pa.Table], pa.Table], threads: int = 2) -> None:
-    """Each parquet shard of a stage replaced by `fn(shard)`, before the stage's commit (a driver killed
-    meanwhile leaves the folder without _SUCCESS, and the rerun starts it again). On the driver, in `threads`
-    threads: parquet's read and write release the GIL, and no Ray worker has to start for a few seconds' work."""
-    from concurrent.futures import ThreadPoolExecutor
+@dataclass(frozen=True)
+class PerShard:
+    """A stage made by one Ray task per parquet shard of another stage: `fn(table)` on each shard's record
+    batches, each task writing its own part of the stage (`SplitSink.write_tables`). For a map over a stage
+    already split into a few large shards it is what a Ray Data read -> map -> write does, without the
+    execution's fixed cost (a file-listing task, planning, scheduling), and the rows never reach the driver."""
 
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda path: _rewrite_shard(run.fs, path, fn), stage_files(run, stage)))
+    source: RunDir
+    stage: str
+    fn: Callable[[pa.Table], pa.Table]
+
+
+def _per_shard(job: PerShard, sink: SplitSink) -> None:
+    import ray
+
+    task = ray.remote(num_cpus=0.5)(_shard_task)
+    fn = ray.put(job.fn)
+    for r in ray.get([task.remote(sink, job.source.fs, path, fn, f"{i:06d}")
+                      for i, path in enumerate(stage_files(job.source, job.stage))]):
+        sink.add(r)
+
+
+def _shard_task(sink: SplitSink, fs, path: str, fn, name: str) -> dict:
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        # At least one table, empty for an empty shard, so that the schema reaches the sink.
+        tables = [pa.Table.from_batches([b], pf.schema_arrow) for b in pf.iter_batches()] or \
+            [pf.schema_arrow.empty_table()]
+        return sink.write_tables((fn(t) for t in tables), name)
+
+
+def rewrite_shards(run: RunDir, stage: str, fn: Callable[[pa.Table], pa.Table]) -> None:
+    """Each parquet shard of a stage replaced by `fn(shard)`, one Ray task per shard (before the stage's
+    commit: a driver killed meanwhile leaves the folder without _SUCCESS, and the rerun starts it again)."""
+    import ray
+
+    task = ray.remote(num_cpus=0.5)(_rewrite_shard)
+    fn_ref = ray.put(fn)
+    ray.get([task.remote(run.fs, path, fn_ref) for path in stage_files(run, stage)])
 
 
 def _rewrite_shard(fs, path: str, fn: Callable[[pa.Table], pa.Table]) -> None:
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     new = path[: -len(".parquet")] + "-r.parquet"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:  # a retried task whose first try got this far
+        return
     with fs.open_input_file(path) as f:
         table = fn(pq.read_table(f))
     with fs.open_output_stream(new) as f:

@@ -416,10 +416,11 @@ def test_weighted_step_metrics_leave_out_padding():
 
 @pytest.fixture(scope="module")
 def fit_d(ray_local, tiny_models, work):
-    """A curriculum of 21 pairs (3 steps of 8, the last partial), 2 DDP workers, one epoch, warmup_ratio."""
+    """A curriculum of 21 pairs (3 steps of 8, the last partial), 2 DDP workers, one epoch, warmup_ratio.
+    SFT: placement and padding do not depend on the loss, and it needs no reference stage (fit A covers it)."""
     pairs = write_pairs(work / "d_in" / "pairs", n=21, seed=1)
     cfg = config(run={"name": "d"}, input={"path": str(work / "d_in")}, output={"dir": str(work / "out_d")},
-                 model={"policy": tiny_models["policy"]},
+                 model={"policy": tiny_models["policy"]}, loss={"name": "sft"},
                  optim={"max_steps": None, "epochs": 1.0, "per_device_batch_size": 2, "grad_accum": 2,
                         "warmup_ratio": 0.5}, checkpoint={"every_n_steps": 0})
     return {"summary": main(cfg), "pairs": pairs, "out": work / "out_d"}
@@ -429,6 +430,7 @@ def fit_d(ray_local, tiny_models, work):
 def test_partial_last_step_trains_every_pair_in_order(fit_d):
     out = fit_d["out"]
     assert fit_d["summary"]["steps"] == 3 and fit_d["summary"]["final_metrics"]["params_in_sync"] is True
+    assert not (out / "pairs_ref").exists()  # SFT trained on the pairs as they are
     rows = read_jsonl(out / "train" / "metrics.jsonl")
     assert [r["pairs"] for r in rows] == [8, 8, 5]  # the last step's metrics count its 5 real rows only
     assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(0.5e-3)  # warmup ceil(0.5 * 3) = 2 steps

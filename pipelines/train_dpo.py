@@ -167,6 +167,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from operators.base import Resources, apply, check_columns
+    from operators.read import read_parquet_files
     from operators.reflogp import ReferenceLogProbs
     from pipelines.runtime.console import say
     from pipelines.runtime.manifest import RunDir
@@ -186,7 +187,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     run = RunDir(out_dir)
     run.start("train", to_dict(cfg))
     pairs = locate_pairs(resolve_path(cfg.input.path))
-    ds = ray.data.read_parquet(pairs, file_extensions=["parquet"])
+    ds = read_parquet_files(pairs, file_extensions=["parquet"])
     check_columns(ReferenceLogProbs, ds.schema().names, where=f"pairs at {pairs}")
     if loss_fn.name == "mixdpo" or "mixdpo" in (cfg.loss.weights or {}):
         say(f"mixdpo: {require_sft_routes(ds, pairs)} pairs route to sft")

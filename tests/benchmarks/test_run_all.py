@@ -18,13 +18,17 @@ from pathlib import Path
 import pytest
 
 from benchmarks.run_all import CHECKS, NOT_IN_SMOKE, STAGES, check_results, lookup
+from operators.generate import GenerateCfg
+from operators.vllm_engines import resolve_engine
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHES = {bench: stage for stage, (_, bench, _) in STAGES.items()}
+# The engine generate.engine=auto picks here: the smoke run's vLLM contender beside raw vLLM.
+AUTO = resolve_engine(GenerateCfg(backend="vllm"))
 
 # Per bench: figures (paths under "figures") that must be positive numbers.
 POSITIVE = {
-    "generation": ("sync.tokens", "sync.tok_s", "sync.seconds", "raw-vllm.tok_s"),
+    "generation": (f"{AUTO}.tokens", f"{AUTO}.tok_s", f"{AUTO}.seconds", "raw-vllm.tok_s"),
     "reward scoring": ("baseline.rows_s", "baseline.tok_s", "hf.rows_s", "hf.tok_s", "baseline.tokens"),
     "statistics": ("prefsift.seconds", "duckdb.seconds", "pandas.seconds", "ray_floor.seconds", "ray_floor.read_s",
                    "rows", "prompts"),
@@ -35,7 +39,7 @@ POSITIVE = {
     "curation": ("prefsift.seconds", "duckdb.seconds", "prefsift.stages.stats.seconds", "prompts", "parquet_mb"),
 }
 RATIOS = {
-    "generation": ("sync_over_raw_vllm",),
+    "generation": (f"{AUTO}_over_raw_vllm",),
     "reward scoring": ("hf_over_fastest_raw_responses_s",),
     "statistics": ("prefsift_time_over_duckdb", "pandas_time_over_prefsift", "ray_read_over_duckdb"),
     "curation": ("prefsift_time_over_duckdb", "prefsift_cpu_over_duckdb"),
@@ -106,12 +110,12 @@ def test_vllm_comparison_when_installed(records):
     figures = records["generation"]["figures"]
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed: bench_generate runs its HF contender only")
-    for name in ("raw-vllm", "sync"):
+    for name in ("raw-vllm", AUTO):
         assert figures[name]["tok_s"] > 0 and figures[name]["samples"] == figures["check"]["samples_expected"]
     # the same per-sample seeds: every sample of the pipeline's engine is raw vLLM's, token for token
-    same = figures["check"]["same_as_raw"]["sync"]
+    same = figures["check"]["same_as_raw"][AUTO]
     assert same["compared"] == figures["check"]["samples_expected"] and same["identical"] == same["compared"]
-    assert records["generation"]["ratios"]["sync_over_raw_vllm"] > 0
+    assert records["generation"]["ratios"][f"{AUTO}_over_raw_vllm"] > 0
 
 
 def test_rewards_compared_on_every_row(records):

@@ -262,17 +262,25 @@ def read_records(f, path: str) -> Iterator[tuple[int, bytes]]:
 def list_files(path: str, extensions: tuple[str, ...] = EXTENSIONS) -> list[tuple[Any, str]]:
     """(filesystem, path) of every input file under `path` (JSON by default), sorted; hidden and marker files
     skipped."""
+    fs, infos = file_infos(path, extensions)
+    return [(fs, i.path) for i in infos]
+
+
+def file_infos(path: str, extensions: tuple[str, ...], filesystem=None,
+               allow_not_found: bool = False) -> tuple[Any, list[Any]]:
+    """(filesystem, pyarrow FileInfo of each file `list_files` names, sorted by path). `filesystem`: the one
+    `path` lives on, else found from the path. A single file is itself, whatever its extension."""
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+    fs, root = (filesystem, path) if filesystem is not None else pafs.FileSystem.from_uri(
+        path if "://" in path else os.path.abspath(path))
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
-        return [(fs, root)]
-    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    names = [i.path for i in found if i.type == pafs.FileType.File
-             and not os.path.basename(i.path).startswith((".", "_"))
-             and any(i.path.lower().endswith("." + e) for e in extensions)]
-    return [(fs, p) for p in sorted(names)]
+        return fs, [info]
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=allow_not_found))
+    return fs, sorted((i for i in found if i.type == pafs.FileType.File
+                       and not os.path.basename(i.path).startswith((".", "_"))
+                       and any(i.path.lower().endswith("." + e) for e in extensions)), key=lambda i: i.path)
 
 
 def peek_columns(path: str, max_lines: int | None = PEEK_LINES) -> tuple[list[str], int, str | None]:

@@ -86,16 +86,11 @@ def read_parquet_files(path: str, filesystem=None, **kwargs):
     """`ray.data.read_parquet` with one read task per file: more tasks than files would split each file's
     blocks in an operator of their own, apart from the map after the read. Small inputs are read with Ray Data's
     V1 reader (V1_MAX_BYTES); `filesystem` is the one `path` lives on, else found from the path."""
-    import pyarrow.fs as pafs
     import ray
 
-    fs, root = (filesystem, path) if filesystem is not None else pafs.FileSystem.from_uri(
-        path if "://" in path else os.path.abspath(path))
-    top = fs.get_file_info(root)
-    found = [top] if top.type == pafs.FileType.File else fs.get_file_info(
-        pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    shards = [f for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet")
-              and not os.path.basename(f.path).startswith((".", "_"))]
+    from operators.jsonl import file_infos
+
+    _, shards = file_infos(path, ("parquet",), filesystem, allow_not_found=True)
     ctx = ray.data.DataContext.get_current()
     v2 = ctx.use_datasource_v2
     # The reader is chosen when the dataset is made; an explicit V1 setting (RAY_DATA_USE_DATASOURCE_V2=0) stays.

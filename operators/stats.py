@@ -393,18 +393,13 @@ def fill_pd(table: pa.Table, norms: PDNorms | None, target: str = "overall") -> 
         return table
     if norms is not None and names:
         parts, absent = {}, {}
+        n = table.num_rows
         for c in names:
-            col = pc.cast(table.column(c), pa.float64())
-            parts[c[len(PD_PARTS):]] = _floats(col)
-            absent[c[len(PD_PARTS):]] = pc.is_null(col).to_numpy(zero_copy_only=False)
-        pdv = pd_from_parts(parts, _floats(table.column(PD_LEN)), _floats(table.column(PD_LOGLEN)), norms, target,
-                            absent)
+            parts[c[len(PD_PARTS):]], absent[c[len(PD_PARTS):]] = floats(table.column(c), n)
+        pdv = pd_from_parts(parts, floats(table.column(PD_LEN), n)[0], floats(table.column(PD_LOGLEN), n)[0], norms,
+                            target, absent)
         table = table.set_column(table.column_names.index("pd"), "pd", pa.array(pdv, mask=~np.isfinite(pdv)))
     return table.drop_columns([*names, PD_LEN, PD_LOGLEN])
-
-
-def _floats(col) -> np.ndarray:
-    return np.asarray(pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy(zero_copy_only=False), np.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -95,6 +95,11 @@ def sufficient_sums(lengths: np.ndarray, aspects: dict[str, np.ndarray]) -> dict
     return out
 
 
+def sums_aspects(sums: dict[str, float]) -> list[str]:
+    """The aspects whose sums `sufficient_sums` wrote (their `<a>:n` keys), sorted."""
+    return sorted(k[: -len(":n")] for k in sums if k.endswith(":n") and k != "len:n")
+
+
 def response_leaves(schema: pa.Schema, with_length: bool) -> list[str]:
     """The parquet leaf paths a pass over the response scores reads: never the texts, unless a length must
     come from them (data without a `len` field, with length debiasing on)."""

@@ -25,7 +25,7 @@ from operators.dedupe import (
     settle_duplicates,
 )
 from operators.ingest import ingest_rated
-from operators.norms import block_sums, norms_from_sums, response_pass
+from operators.norms import block_sums, norms_from_sums, response_pass, sums_aspects
 from operators.read import (
     binarized_to_rated,
     check_input_columns,
@@ -102,7 +102,7 @@ def stats_in_read_pass(run: RunDir, cfg: CurateConfig, stats_fp: str) -> Then:
     params = StatsParams(tau=cfg.stats.tau, pd_target=cfg.stats.pd_target, pd_parts=True)
 
     def finish(sink) -> None:
-        aspects = sorted({k.split(":")[0] for k in sink.sums if ":" in k and not k.startswith("len:")})
+        aspects = sums_aspects(sink.sums)
         norms = norms_from_sums(sink.sums, aspects, cfg.stats.length_debias, cfg.stats.debias_rho) \
             if aspects else None
         run.set("stats_params", {"tau": cfg.stats.tau, "pd_target": cfg.stats.pd_target, "aspects": aspects,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +21,11 @@ from pipelines.runtime.manifest import SUCCESS, RunDir, StageRecord
 
 QUARANTINE_DIR = "quarantine"
 HELD_SUFFIX = ".held"  # <stage>.held/: rows an Aside holds until the pass ends
+# Fault injection, for the test that kills a driver mid-stage (tests/cluster/test_faults.py): with this set to a
+# stage's name, the driver writes that stage's rows, says so, and waits before the commit (its _SUCCESS) until
+# it is killed or HOLD_S pass. A stage can take a tenth of a second, less than a watcher needs to see it.
+HOLD_ENV = "PREFSIFT_HOLD_BEFORE_COMMIT"
+HOLD_S = 600
 
 
 def _good(table: pa.Table) -> pa.Table:
@@ -364,6 +370,9 @@ def _commit(run: RunDir, stage: str, fp: str, sink: SplitSink, schema: Callable[
         unit_in=unit_in,
         unit_out=unit_out,
     )
+    if os.environ.get(HOLD_ENV) == stage:
+        say(f"stage {stage}: rows written, holding before the commit ({HOLD_ENV})")
+        time.sleep(HOLD_S)
     # The commit: _SUCCESS goes in after every shard (and the quarantine), then the manifest's record. No
     # folder is renamed, which object stores cannot do; a killed run leaves a folder without the marker.
     run.write_text(fp, stage, SUCCESS)

@@ -189,9 +189,11 @@ def stage_in_progress(run: Path, stage: str) -> list[str] | None:
 
 
 class StageWatcher(threading.Thread):
-    """SIGKILLs a curation driver as soon as it is writing the stage `kill_in`, seen on disk (polled, with
-    a bounded wait): a sleep after a log line would be wrong on a machine fast enough to finish the stage
-    first. `seen` is what the stage folder held at the kill. The driver's output is collected meanwhile."""
+    """SIGKILLs a curation driver while it is in the stage `kill_in`: the driver, run with
+    `PREFSIFT_HOLD_BEFORE_COMMIT=<kill_in>`, says when that stage's rows are written and then waits before
+    the commit, so the kill lands mid-stage however fast the stage is (polling the folder lost a 0.1 s stage
+    on a loaded machine). `seen` is what the stage folder held at the kill. The driver's output is collected
+    meanwhile."""
 
     def __init__(self, proc, run: Path, kill_in: str, timeout_s: float = 600):
         super().__init__(daemon=True)
@@ -199,23 +201,21 @@ class StageWatcher(threading.Thread):
         self.lines: list[str] = []
         self.seen: list[str] | None = None
         self.killed = threading.Event()
+        self.holding = threading.Event()
         self.reader = threading.Thread(target=self.read, daemon=True)
 
     def read(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
+            if f"stage {self.kill_in}: rows written, holding before the commit" in line:
+                self.holding.set()
 
     def run(self) -> None:
         self.reader.start()
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            seen = stage_in_progress(self.run_dir, self.kill_in)
-            if seen is not None:
-                self.proc.send_signal(signal.SIGKILL)
-                self.seen = seen
-                self.killed.set()
-                return
-            time.sleep(0.02)
+        if self.holding.wait(self.timeout_s) and self.proc.poll() is None:
+            self.seen = stage_in_progress(self.run_dir, self.kill_in)
+            self.proc.send_signal(signal.SIGKILL)
+            self.killed.set()
 
 
 def _success_mtimes(run: Path) -> dict[str, int]:
@@ -228,7 +228,7 @@ def test_killed_driver_rerun_skips_completed_stages_and_equals_uninterrupted_run
     cmd = [PYTHON, "-m", "pipelines.curate", "--config", RATED_CONFIG, *RATED_OVERRIDES, f"output.dir={run}"]
     first, second = Processes(), Processes()
     try:
-        driver = first.popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+        driver = first.popen(cmd, cwd=REPO, env=child_env(PREFSIFT_HOLD_BEFORE_COMMIT="stats"), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
         watcher = StageWatcher(driver, run, kill_in="stats")
         watcher.start()
@@ -241,6 +241,7 @@ def test_killed_driver_rerun_skips_completed_stages_and_equals_uninterrupted_run
         # Only the driver writes _SUCCESS, so with the driver dead the marker's absence now means the kill
         # landed before the commit: stats/ was incomplete, and the rerun has a partial folder to deal with.
         assert stage_in_progress(run, "stats") is not None, (watcher.seen, "".join(watcher.lines)[-3000:])
+        assert watcher.seen and any(p.endswith(".parquet") for p in watcher.seen), watcher.seen  # rows, no commit
         print(f"[fault] at the kill the stats folder held {watcher.seen}")
         # The driver's embedded Ray (GCS, raylet, workers) may outlive a SIGKILLed driver; end it.
         orphans = first.members()

@@ -73,6 +73,20 @@ def check_columns(op: type[Operator], columns: list[str] | tuple[str, ...], wher
         )
 
 
+def _allow_async_calls_per_task(calls: int) -> None:
+    """Let one Ray Data task run `calls` batches of an async operator at once.
+
+    A task carries every batch of its input bundle, and Ray Data (2.60) runs at most
+    RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY (4) of them at once, a module constant it reads at
+    import and again when it plans the stage. An input of one large block would then hold an actor at 4 calls
+    whatever `max_concurrent_calls_per_actor` says. Raised here, before the plan is built, never lowered.
+    """
+    from ray.data._internal.planner import plan_udf_map_op
+
+    plan_udf_map_op.DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY = max(
+        plan_udf_map_op.DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY, calls)
+
+
 def map_batches_kwargs(op: type[Operator], resources: Resources, **ctor_kwargs: Any) -> dict[str, Any]:
     """The single translation from an operator's declared resources to Ray Data's `map_batches` arguments."""
     from ray.data import ActorPoolStrategy
@@ -80,6 +94,8 @@ def map_batches_kwargs(op: type[Operator], resources: Resources, **ctor_kwargs: 
     size = resources.concurrency
     calls = {} if resources.max_concurrency == 1 else {
         "max_concurrent_calls_per_actor": resources.max_concurrency, "enable_true_multi_threading": True}
+    if resources.max_concurrency > 1:
+        _allow_async_calls_per_task(resources.max_concurrency)
     pool = ActorPoolStrategy(min_size=size[0], max_size=size[1], **calls) if isinstance(size, (tuple, list)) \
         else ActorPoolStrategy(size=size, **calls)
     kwargs: dict[str, Any] = dict(

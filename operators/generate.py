@@ -54,7 +54,9 @@ class GenerateCfg:
     # LLM.generate per call (operators/vllm_engines.py). auto: the faster one measured for the device
     # (resolve_engine).
     engine: Literal["auto", "async", "sync", "stepped"] = "auto"
-    max_concurrent_batches: int = 4  # map_batches calls in flight per actor with the async or stepped engine
+    # map_batches calls in flight per actor with the async or stepped engine. A call returns when its longest
+    # sample ends, so the calls queued behind it must cover that tail or the engine runs dry: ray.data.llm's 8.
+    max_concurrent_batches: int = 8
     # Requests in the engine at once with the async or stepped engine; the rest of the calls in flight wait
     # in order. null: ray.data.llm's default, 1.1 x the engine's max_num_seqs (vllm_engines.requests_in_flight).
     max_requests_in_flight: int | None = None
@@ -80,8 +82,8 @@ class GenerateCfg:
     def prompts_per_call(self) -> int:
         """`batch_size`, or the backend's default. The synchronous vLLM engine drains its running batch at
         the end of every call, so it gets many prompts a call (README, Performance: generation). The async
-        and stepped engines keep max_concurrent_batches calls in flight, so a call of 64 prompts (256 requests at K=4)
-        already keeps its queue full. HF `generate` pads a call's sequences to one length, so it gets few."""
+        and stepped engines keep max_concurrent_batches calls in flight, so calls of 64 prompts (256 requests at K=4)
+        keep the engine's queue full across a call's tail (README, Performance: generation). HF `generate` pads a call's sequences to one length, so it gets few."""
         if self.batch_size:
             return self.batch_size
         if self.backend != "vllm":

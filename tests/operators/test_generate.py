@@ -157,7 +157,7 @@ def test_prompts_per_call_default_by_backend(tiny_models):
     res = {(b, e): generator_resources(GenerateCfg(backend=b, engine=e)) for b in ("hf", "vllm") for e in engines}
     assert {k: (r.batch_size, r.max_concurrency) for k, r in res.items()} == {
         ("hf", "sync"): (16, 1), ("hf", "async"): (16, 1), ("hf", "stepped"): (16, 1),
-        ("vllm", "sync"): (256, 1), ("vllm", "async"): (64, 4), ("vllm", "stepped"): (64, 4)}
+        ("vllm", "sync"): (256, 1), ("vllm", "async"): (64, 8), ("vllm", "stepped"): (64, 8)}
     assert generator_resources(GenerateCfg(backend="vllm", engine="async", batch_size=32,
                                            max_concurrent_batches=2)).max_concurrency == 2
     assert generator_resources(GenerateCfg(backend="vllm", batch_size=32)).batch_size == 32
@@ -178,7 +178,7 @@ def test_engine_auto_is_stepped_where_vllm_runs_on_cpu_and_async_on_gpus(monkeyp
         monkeypatch.setattr(engines, "vllm_runs_on_cpu", lambda on_cpu=on_cpu: on_cpu)
         assert engines.resolve_engine(auto) == engine
         # Both keep several calls of 64 prompts in flight on one actor.
-        assert (generator_resources(auto).batch_size, generator_resources(auto).max_concurrency) == (64, 4)
+        assert (generator_resources(auto).batch_size, generator_resources(auto).max_concurrency) == (64, 8)
         assert engines.resolve_engine(explicit) == "sync"  # an explicit engine is kept on every device
     assert GenerateCfg().engine == "auto"
 
@@ -340,6 +340,37 @@ def test_hf_backend_through_ray_data(ray_local, tiny_models, hf_gen):
     # Determinism across processes and batch compositions: the actor's samples equal the in-process ones.
     local = _by_key(_run(hf_gen, pa.table({"prompt_id": [f"q{i}" for i in range(4)], "prompt": PROMPTS})))
     assert {k: r["text"] for k, r in _by_key(out).items()} == {k: r["text"] for k, r in local.items()}
+
+
+class _Overlap:
+    """An async operator that only records how many of its calls overlap (a stand-in for an engine's wait)."""
+
+    name = "overlap"
+    requires = ("i",)
+    requires_any = ()
+    adds = ("running",)
+
+    def __init__(self):
+        self.running = 0
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        self.running += 1
+        seen = self.running
+        await asyncio.sleep(0.5)
+        self.running -= 1
+        return batch.append_column("running", pa.array([seen] * batch.num_rows))
+
+
+def test_one_block_keeps_max_concurrent_batches_calls_in_flight(ray_local):
+    """Ray Data runs one input block as one task, and by default at most 4 of an async operator's calls of
+    that task at once; the generator's 8 calls in flight need the translation to lift that cap. A call
+    returns only when its longest sample ends, so fewer calls in flight let the engine run dry."""
+    from operators.base import Resources
+
+    ds = ray_local.data.from_arrow(pa.table({"i": list(range(64))}))  # one block, 16 calls of 4 rows
+    out = apply(ds, _Overlap, Resources(num_cpus=0.5, batch_size=4, max_concurrency=8)).take_all()
+    assert len(out) == 64
+    assert max(r["running"] for r in out) == 8
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,9 +25,12 @@ the count of samples that differ is printed, per contender and round.
 
 On a small shared machine one contender's place in the run moves its speed more than the engines differ,
 so every contender runs `--repeats` rounds (default 3), each round in a rotated order (ABC, BCA, CAB): every
-contender holds every place once when the repeats equal the contenders. A ratio is taken within a round
-(contender over that round's raw call); the headline is the median over the rounds, printed with each
-round's ratio and the spread. Each round is a fresh process with its own engine: Ray Data builds the
+contender holds every place once when the repeats equal the contenders (with two contenders the rounds
+alternate AB, BA, AB, ...). A ratio is taken within a round (contender over that round's raw call), so the
+machine's drift between rounds cancels in each pair; the headline is the median over the rounds, printed
+with each round's ratio, the geometric mean, the rounds at the target and a 95% bootstrap interval of the
+median, beside raw's own spread over the rounds (and each raw round over the next: the noise floor). The
+1-minute load average before and after each contender and `uptime` at the start and end are recorded. Each round is a fresh process with its own engine: Ray Data builds the
 actor, and so the engine, per execution, and engines kept alive side by side would hold a KV cache each.
 """
 
@@ -67,10 +70,18 @@ from operators.vllm_engines import resolve_engine
 SEED = 0
 TEMPERATURE = 1.0
 TOP_P = 0.95
+TARGET = 0.95  # issue 13: the engine generate.engine=auto picks, over raw one-call LLM.generate
 LABELS = {"raw-vllm": "raw vllm.LLM.generate, one call", "sync": "prefsift Generator, sync engine",
           "async": "prefsift Generator, async engine", "stepped": "prefsift Generator, stepped engine",
           "ray-data-llm": "ray.data.llm, K rows per prompt",
           "hf": "prefsift Generator (hf)"}
+
+
+def uptime_line() -> str:
+    """`uptime`'s line (the load averages), recorded next to the figures."""
+    import subprocess
+
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def policy_with_eos_offset(src: str, dst: Path, offset: float) -> str:
@@ -253,6 +264,28 @@ def compare_samples(base: dict, other: dict) -> dict:
             "missing": len(base.keys() - other.keys())}
 
 
+def bootstrap_median(values: list[float], resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of the median, rounds resampled with replacement (fixed seed, so
+    the same rounds give the same interval). With few rounds it is wide, which is the point: it says how
+    far the rounds' median could move."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    meds = np.median(v[rng.integers(0, v.size, size=(resamples, v.size))], axis=1)
+    return round(float(np.percentile(meds, 2.5)), 4), round(float(np.percentile(meds, 97.5)), 4)
+
+
+def round_stats(values: list[float]) -> dict:
+    """Median, range, geometric mean and bootstrap interval of per-round figures (ratios or tok/s)."""
+    import numpy as np
+
+    lo, hi = bootstrap_median(values)
+    return {"per_round": values, "median": round(median(values), 4), "min": min(values), "max": max(values),
+            "spread": round(max(values) - min(values), 4), "geomean": round(float(np.exp(np.mean(np.log(values)))), 4),
+            "ci95_median": [lo, hi], "rounds": len(values)}
+
+
 def summarize(rounds: list[dict[str, dict]], cap: int, expected: int) -> tuple[dict, dict, dict, str]:
     """Per contender: the median round (tok_s, seconds) with every round kept under `rounds`; the sample
     check against the first raw round; each round's ratio over that round's raw call, their median and
@@ -279,12 +312,13 @@ def summarize(rounds: list[dict[str, dict]], cap: int, expected: int) -> tuple[d
             raw = rounds[i].get("raw-vllm", {}).get("tok_s")
             per_round.append(ratio(r["tok_s"], raw))
             rows.append([LABELS[n], i + 1, list(rounds[i]).index(n) + 1, r["calls"], r["tokens"], r["seconds"],
-                         r["tok_s"], per_round[-1], r["startup_s"], r["load_1m"]])
+                         r["tok_s"], per_round[-1], r["startup_s"], f"{r['load_1m']}-{r.get('load_1m_end')}"])
         tok_s = [r["tok_s"] for _, r in runs]
         mid = min(runs, key=lambda ir: abs(ir[1]["tok_s"] - median(tok_s)))[1]
-        res[n] = {**{k: v for k, v in mid.items() if k != "load_1m"}, "tok_s": median(tok_s),
+        res[n] = {**{k: v for k, v in mid.items() if k not in ("load_1m", "load_1m_end")}, "tok_s": median(tok_s),
                   "seconds": median([r["seconds"] for _, r in runs]),
-                  "rounds": [{k: r[k] for k in ("tok_s", "seconds", "startup_s", "load_1m")} for _, r in runs],
+                  "rounds": [{k: r.get(k) for k in ("tok_s", "seconds", "startup_s", "load_1m", "load_1m_end")}
+                             for _, r in runs],
                   "lengths": length_summary([v[0] for v in by_key[n][0].values()], cap)}
         # Rounds compared with the first raw round (raw's own later rounds too): the one with most differences.
         compared = [compare_samples(base, k) for k in by_key[n][1 if n == base_name else 0:]]
@@ -293,15 +327,29 @@ def summarize(rounds: list[dict[str, dict]], cap: int, expected: int) -> tuple[d
             check["same_as_raw"][n] = {**worst, "rounds": len(compared),
                                        "rounds_identical": sum(not c["differ"] and not c["missing"] for c in compared)}
         if n != "raw-vllm" and per_round and None not in per_round:
-            spread[n] = {"per_round": per_round, "median": round(median(per_round), 4), "min": min(per_round),
-                         "max": max(per_round), "spread": round(max(per_round) - min(per_round), 4)}
+            spread[n] = {**round_stats(per_round), "rounds_at_target": sum(v >= TARGET for v in per_round)}
+    if "raw-vllm" in names and len(by_key["raw-vllm"]) > 1:
+        # The baseline's own drift: raw's tok/s over the rounds, and each raw round over the next one (what a
+        # contender's ratio would read if it were raw itself, measured a round later).
+        raw_tok_s = [r["tok_s"] for rnd in rounds for n, r in rnd.items() if n == "raw-vllm"]
+        following = [ratio(a, b) for a, b in zip(raw_tok_s, raw_tok_s[1:], strict=False)]
+        spread["raw-vllm"] = {"tok_s": round_stats([round(v) for v in raw_tok_s]),
+                              "over_next_round": round_stats(following)}
     table = markdown_table(["contender", "round", "place", "map_batches calls", "tokens", "seconds (excl. start-up)",
-                            "tokens/s", "x raw (same round)", "start-up s (excluded)", "load 1m"], rows)
-    if spread:
+                            "tokens/s", "x raw (same round)", "start-up s (excluded)", "load 1m (start-end)"], rows)
+    ratios = {n: sp for n, sp in spread.items() if n != "raw-vllm"}
+    if ratios:
         table += "\n\n" + markdown_table(
-            ["contender", "x raw, median of rounds", "min", "max", "each round"],
-            [[LABELS[n], sp["median"], sp["min"], sp["max"], ", ".join(f"{v:.2f}" for v in sp["per_round"])]
-             for n, sp in spread.items()])
+            ["contender", "x raw, median of rounds", "95% bootstrap interval", "geometric mean", "min", "max",
+             f"rounds >= {TARGET}", "each round"],
+            [[LABELS[n], sp["median"], f"{sp['ci95_median'][0]:.2f}-{sp['ci95_median'][1]:.2f}", sp["geomean"],
+              sp["min"], sp["max"], f"{sp['rounds_at_target']} of {sp['rounds']}",
+              ", ".join(f"{v:.2f}" for v in sp["per_round"])] for n, sp in ratios.items()])
+    if "raw-vllm" in spread:
+        own, nxt = spread["raw-vllm"]["tok_s"], spread["raw-vllm"]["over_next_round"]
+        table += (f"\n\nraw's own spread: {own['median']:,.0f} tok/s median of {own['rounds']} rounds, "
+                  f"{own['min']:,.0f}-{own['max']:,.0f} (max/min {own['max'] / own['min']:.2f}); a raw round over "
+                  f"the next raw round: median {nxt['median']:.2f}, {nxt['min']:.2f}-{nxt['max']:.2f}")
     if names:
         ls = res[base_name]["lengths"]
         table += (f"\n\noutput lengths ({LABELS[base_name]}): mean {ls.get('mean')}, p10 {ls.get('p10')}, "
@@ -319,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--eos-offset", type=float, default=-0.4, help="tiny policy only: eos logit offset")
     ap.add_argument("--batch-size", type=int, default=64, help="prompts per map_batches call, every contender")
-    ap.add_argument("--max-concurrent-batches", type=int, default=4)
+    ap.add_argument("--max-concurrent-batches", type=int, default=GenerateCfg.max_concurrent_batches,
+                    help="map_batches calls in flight per actor (async, stepped, ray.data.llm)")
     ap.add_argument("--max-requests-in-flight", type=int, default=None, help="default: the engine's own")
     ap.add_argument("--repeats", type=int, default=None,
                     help="rounds of every contender, each in a rotated order; default 3, 1 with --quick")
@@ -377,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             "--gpu-memory-utilization", str(a.gpu_memory_utilization), "--actor-cpus", str(a.actor_cpus),
             *(["--max-requests-in-flight", str(a.max_requests_in_flight)] if a.max_requests_in_flight else [])]
     rounds: list[dict[str, dict]] = []  # per round: contender -> its result, in the round's order
+    uptime = [uptime_line()]
     try:
         for rep in range(a.repeats):
             order = wanted[rep % len(wanted):] + wanted[:rep % len(wanted)]
@@ -392,9 +442,10 @@ def main(argv: list[str] | None = None) -> int:
                         raise
                     notes.append(f"ray.data.llm did not run in round {rep + 1}: {str(e).splitlines()[-1][:300]}")
                     continue
-                rounds[-1][name] = {**r, "load_1m": load}
+                rounds[-1][name] = {**r, "load_1m": load, "load_1m_end": round(os.getloadavg()[0], 2)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    uptime.append(uptime_line())
 
     res, check, spread, table = summarize(rounds, a.max_tokens, len(prompts) * a.k)
     for n, c in check["same_as_raw"].items():
@@ -406,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     auto = resolve_engine(GenerateCfg(backend="vllm")) if have_vllm else "async"
     if have_vllm:
         notes.append(f"generate.engine=auto picks the {auto} engine here")
-    ratios = {f"{n.replace('-', '_')}_over_raw_vllm": sp["median"] for n, sp in spread.items()}
+    ratios = {f"{n.replace('-', '_')}_over_raw_vllm": sp["median"] for n, sp in spread.items() if n != "raw-vllm"}
     ratios["async_over_sync"] = ratio(res.get("async", {}).get("tok_s"), res.get("sync", {}).get("tok_s"))
     emit("generation", clean({"prompts": len(prompts), "k": a.k, **res, "check": check, "ratio_spread": spread}),
          ratios, table=table, notes=notes, targets={f"{auto}_over_raw_vllm": ">= 0.95"},
@@ -416,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                  "actor_cpus": a.actor_cpus, "dtype": a.dtype, "temperature": TEMPERATURE, "top_p": TOP_P,
                  "quick": a.quick, "startup": "excluded from all", "repeats": a.repeats,
                  "max_requests_in_flight": a.max_requests_in_flight,
-                 "orders": [list(r) for r in rounds], "load_1m_at_start": [{n: r["load_1m"] for n, r in rnd.items()}
-                                                                        for rnd in rounds]})
+                 "uptime_start_end": uptime, "orders": [list(r) for r in rounds],
+                 "load_1m_at_start": [{n: r["load_1m"] for n, r in rnd.items()} for rnd in rounds]})
     return 0
 
 

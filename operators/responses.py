@@ -52,9 +52,17 @@ class Flat:
         return np.arange(self.count, dtype=np.int64) - np.repeat(self.starts, self.sizes)
 
 
+def one_array(col) -> pa.Array:
+    """A column as one array. A single chunk is taken as it is: `combine_chunks` copies even one chunk, and a
+    block's `responses` holds all its texts, so each copy is a block's size of fresh memory."""
+    if not isinstance(col, pa.ChunkedArray):
+        return col
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
 def flatten(responses) -> Flat:
     """Flatten a `list<struct>` column (chunked or not; a null list has no responses)."""
-    col = responses.combine_chunks() if isinstance(responses, pa.ChunkedArray) else responses
+    col = one_array(responses)
     sizes = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes.size else sizes
     flat = pc.list_flatten(col)
@@ -135,7 +143,7 @@ def is_good(reasons: np.ndarray) -> np.ndarray:
 
 def rebuild(col, flat: Flat, fields: dict[str, pa.Array]) -> pa.Array:
     """A `list<struct>` column with the same lists as `col` and the given struct fields."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    arr = one_array(col)
     offsets = pa.array(np.concatenate([[0], np.cumsum(flat.sizes)]).astype(np.int32))
     names = list(fields)
     values = pa.StructArray.from_arrays([fields[k] for k in names], names=names) if names else \

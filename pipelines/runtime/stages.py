@@ -31,8 +31,18 @@ HOLD_S = 600
 def _good(table: pa.Table) -> pa.Table:
     if QUARANTINE not in table.column_names:
         return table
-    keep = table.filter(pc.is_null(table.column(QUARANTINE)))
+    # A filter copies every column, texts included, even when it keeps every row.
+    reasons = table.column(QUARANTINE)
+    keep = table.filter(pc.is_null(reasons)) if reasons.null_count < table.num_rows else table
     return keep.drop_columns([c for c in keep.column_names if c.startswith(QUARANTINE)])
+
+
+def _one_chunk(table: pa.Table) -> pa.Table:
+    """Columns in several chunks (a block Ray Data built from smaller ones) combined; single chunks kept."""
+    for i, col in enumerate(table.columns):
+        if col.num_chunks > 1:
+            table = table.set_column(i, table.field(i), col.combine_chunks())
+    return table
 
 
 def _bad(table: pa.Table) -> pa.Table:
@@ -174,6 +184,7 @@ class SplitSink(Datasink):
             # The first stage's good rows, derived for the second one's split as each part is written.
             for good in self._split(tables, name, out):
                 if good.num_rows:
+                    good = _one_chunk(good)  # once here, not once per column read by `sums` and `derive`
                     for k, v in (self.derive_sums(good) if self.derive_sums else {}).items():
                         sums[k] = sums.get(k, 0.0) + v
                     yield self.derive(good)
@@ -195,11 +206,11 @@ class SplitSink(Datasink):
                 if held_out is not None and self.aside.flag in table.column_names:
                     flag = pc.fill_null(table.column(self.aside.flag), False)
                     table = table.drop_columns([self.aside.flag])
-                    held = table.filter(flag)
-                    if held.num_rows:
+                    if pc.any(flag).as_py():  # else no filter: it would copy the block's texts
+                        held = table.filter(flag)
                         held_out.add(held)
                         out["held"] += held.num_rows
-                    table = table.filter(pc.invert(flag))
+                        table = table.filter(pc.invert(flag))
                     table = table.drop_columns([c for c in self.aside.private if c in table.column_names])
                 good = _good(table)
                 if out["schema"] is None:

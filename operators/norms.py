@@ -6,6 +6,8 @@
 * The score-leaf pass (`response_pass`): one Ray task per parquet file reads only the score leaves of the
   `responses` list (parquet column projection into the list of structs, never the texts) and returns the
   response count and those sums; only the sums reach the driver.
+* PD from its parts (`pd_from_parts`, `fill_pd`): when the statistics are computed in the pass that reads the
+  prompts, before the norms are known, each pair's raw differences are kept and turned into PD afterwards.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.responses import aspect_values, flatten, floats, is_good, response_reasons, response_type
+
+# PD's parts (StatsParams.pd_parts): `_pd:<aspect>` = r_a(l) - r_a(w), and the pair's length differences.
+PD_PRIVATE = "_pd"  # the prefix of every part's column
+PD_PARTS = "_pd:"
+PD_LEN, PD_LOGLEN = "_pd_len", "_pd_loglen"
 
 
 @dataclass(frozen=True)
@@ -155,3 +162,48 @@ def response_pass(fs, files: list[str], schema: pa.Schema, aspects: list[str],
     keys = {k for p in parts for k in p}
     return {k: float(sum(p.get(k, 0.0) for p in parts)) for k in keys}
 
+
+def pd_from_parts(parts: dict[str, np.ndarray], dlen: np.ndarray, dlog: np.ndarray, norms: PDNorms,
+                  target: str = "overall", absent: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """PD from its parts (StatsParams.pd_parts): r~_a(l) - r~_a(w) is linear in the raw differences, because
+    each aspect's mean (and the residual fit's intercept) cancels between the two responses of a pair:
+    none: d_a / std_a; penalty: that minus rho * dlen / len_std; residual: (d_a - slope_a * dlog) / resid_std_a.
+    A zero spread gives 0, as `normalized_aspect` does; a NaN part (a score a response lacks) is skipped, and so
+    is an aspect `absent` from a row's block."""
+    diffs = []
+    for a, norm in norms.aspects.items():
+        if a == target or a not in parts:
+            continue
+        d = np.asarray(parts[a], dtype=np.float64)
+        if norms.mode == "residual":
+            z = (d - norm.slope * dlog) / norm.resid_std if norm.resid_std > 0 else np.zeros_like(d)
+        else:
+            z = d / norm.std if norm.std > 0 else np.zeros_like(d)
+            if norms.mode == "penalty":
+                z = z - norms.rho * (dlen / norms.len_std if norms.len_std > 0 else np.zeros_like(d))
+        if absent is not None and a in absent:
+            z = np.where(absent[a], np.nan, z)
+        diffs.append(z)
+    if not diffs:
+        return np.full(np.asarray(dlen).size, np.nan)
+    D = np.stack(diffs, axis=1)
+    cnt = np.isfinite(D).sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        return np.where(cnt > 0, np.nansum(D, axis=1) / cnt, np.nan)
+
+
+def fill_pd(table: pa.Table, norms: PDNorms | None, target: str = "overall") -> pa.Table:
+    """A statistics table written with PD's parts: `pd` from them and the data set's norms, the parts dropped.
+    A null part (the shard of a block without that aspect) counts as an aspect the block lacked."""
+    names = [c for c in table.column_names if c.startswith(PD_PARTS)]
+    if PD_LEN not in table.column_names:
+        return table
+    if norms is not None and names:
+        parts, absent = {}, {}
+        n = table.num_rows
+        for c in names:
+            parts[c[len(PD_PARTS):]], absent[c[len(PD_PARTS):]] = floats(table.column(c), n)
+        pdv = pd_from_parts(parts, floats(table.column(PD_LEN), n)[0], floats(table.column(PD_LOGLEN), n)[0], norms,
+                            target, absent)
+        table = table.set_column(table.column_names.index("pd"), "pd", pa.array(pdv, mask=~np.isfinite(pdv)))
+    return table.drop_columns([*names, PD_LEN, PD_LOGLEN])

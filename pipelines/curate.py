@@ -25,7 +25,7 @@ from operators.dedupe import (
     settle_duplicates,
 )
 from operators.ingest import ingest_rated
-from operators.norms import block_sums, norms_from_sums, response_pass, sums_aspects
+from operators.norms import PD_PRIVATE, block_sums, fill_pd, norms_from_sums, response_pass, sums_aspects
 from operators.read import (
     binarized_to_rated,
     check_input_columns,
@@ -44,19 +44,18 @@ from operators.reward_functions import (
     model_score_cfg,
 )
 from operators.stats import (
-    PD_PRIVATE,
     StatsParams,
     aspect_names,
     block_stats,
     carry_columns,
-    fill_pd,
     stats_map,
 )
 from pipelines.runtime.config import ConfigError, CurateConfig, fingerprint, model_path, resolve_path, to_dict
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir, filesystem_of
 from pipelines.runtime.ray_start import init_ray
-from pipelines.runtime.stages import Aside, Then, read_stage, rewrite_shards, run_stage, stage_files
+from pipelines.runtime.shards import rewrite_shards
+from pipelines.runtime.stages import Aside, Then, read_stage, run_stage, stage_files
 from pipelines.select import run_selection
 
 

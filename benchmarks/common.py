@@ -193,23 +193,37 @@ def ratio(num: float | None, den: float | None) -> float | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+RESULT_FILE_ENV = "PREFSIFT_BENCH_RESULT"
+
+
 def result(payload: dict[str, Any]) -> None:
-    """A contender's answer to its parent: one tagged line, with its own peak RSS added."""
+    """A contender's answer to its parent, with its own peak RSS added: written to the file the parent names in
+    RESULT_FILE_ENV, or, run by hand, printed as one tagged line. Not through the shared stdout: a result
+    tens of KiB long written there can be cut by another process's log line (Ray's workers write to it too)."""
     payload = {**payload, "peak_rss_mb": peak_rss_mb()}
-    print(RESULT_TAG + json.dumps(clean(payload), default=_json_default), flush=True)
+    text = json.dumps(clean(payload), default=_json_default)
+    path = os.environ.get(RESULT_FILE_ENV)
+    if path:
+        Path(path).write_text(text, encoding="utf-8")
+    else:
+        print(RESULT_TAG + text, flush=True)
 
 
 def run_contender(script: str | Path, args: Sequence[str], timeout: float | None = None,
                   env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `python script args...`; its stderr streams through, its `@@result` line comes back as a dict."""
+    """Run `python script args...`; its stderr streams through, its `result` comes back as a dict."""
+    import tempfile
+
     cmd = [sys.executable, str(script), *args]
-    full_env = {**os.environ, **BENCH_ENV, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]), **(env or {})}
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout, env=full_env,
-                          cwd=str(REPO), check=False)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+    with tempfile.TemporaryDirectory(prefix="prefsift-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        full_env = {**os.environ, **BENCH_ENV, "PYTHONPATH": os.pathsep.join(
+            [str(REPO), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]), **(env or {}),
+            RESULT_FILE_ENV: str(out)}
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout,
+                              env=full_env, cwd=str(REPO), check=False)
+        if out.exists():
+            return json.loads(out.read_text(encoding="utf-8"))
     tail = "\n".join(proc.stdout.splitlines()[-20:])
     raise RuntimeError(f"contender {' '.join(cmd[1:])} exited {proc.returncode} without a result:\n{tail}")
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.base import QUARANTINE
+from operators.responses import one_array
 from operators.stats import STATS_TABLE_COLUMNS
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "prompt_id", "score_chosen", "score_rejected", "margin", "pvar",
@@ -86,7 +87,7 @@ NOT_CARRIED = {*STATS_TABLE_COLUMNS, "prompt", "selected", "route", "order", QUA
 def _conversations(batch: pa.Table) -> pa.Array:
     msgs = batch.column("messages")
     if "prompt" not in batch.column_names or not pc.any(pc.is_null(msgs)).as_py():
-        return msgs.combine_chunks() if isinstance(msgs, pa.ChunkedArray) else msgs
+        return one_array(msgs)
     prompts = batch.column("prompt").to_pylist()
     rows = [m if m is not None else [{"role": "user", "content": p}] for m, p in zip(msgs.to_pylist(), prompts,
                                                                                     strict=True)]

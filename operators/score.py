@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 
 from operators.base import QUARANTINE, Operator, Resources, with_quarantine
 from operators.generate import conversation
+from operators.responses import one_array
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ def to_score(batch: pa.Table) -> ToScore:
     prompts = batch.column("prompt").to_pylist() if "prompt" in batch.column_names else [None] * n
     messages = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
     upstream = batch.column(QUARANTINE).to_pylist() if QUARANTINE in batch.column_names else [None] * n
-    responses = batch.column("responses").combine_chunks()
+    responses = one_array(batch.column("responses"))
     flat, rows, offsets = flatten_responses(responses)
     names = [t.name for t in flat.type]
     texts = flat.field("text").to_pylist()

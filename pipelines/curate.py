@@ -54,8 +54,8 @@ from pipelines.runtime.config import ConfigError, CurateConfig, fingerprint, mod
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir, filesystem_of
 from pipelines.runtime.ray_start import init_ray
-from pipelines.runtime.shards import rewrite_shards
-from pipelines.runtime.stages import Aside, Then, read_stage, run_stage, stage_files
+from pipelines.runtime.shards import rewrite_shards, stage_files
+from pipelines.runtime.stages import Aside, Then, read_stage, run_stage
 from pipelines.select import run_selection
 
 

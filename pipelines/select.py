@@ -18,7 +18,8 @@ from operators.select import SELECT_COLUMNS, Budget, RuleParams, select
 from pipelines.runtime.config import CurateConfig, SelectCfg, fingerprint, to_dict
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
-from pipelines.runtime.stages import PerShard, read_columns, run_stage
+from pipelines.runtime.shards import PerShard
+from pipelines.runtime.stages import read_columns, run_stage
 
 
 def key_columns(run: RunDir, cfg: SelectCfg) -> pa.Table:

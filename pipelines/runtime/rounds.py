@@ -36,13 +36,15 @@ from operators.adaptive import AdaptiveCfg, check_cfg, decide
 from operators.base import apply
 from operators.generate import N_TARGET, SAMPLE_START, Generator, generator_resources
 from operators.resident import Residents
+from operators.responses import one_array
 from operators.reward_functions import FunctionScorer, function_scorer_resources, model_score_cfg
 from operators.score import RewardScorer, ScoreCfg, flatten_responses, scorer_resources
 from operators.select import DEFAULT_FRACTION
 from pipelines.runtime.config import ConfigError, CurateConfig, fingerprint
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import RunDir
-from pipelines.runtime.stages import read_stage, run_stage, stage_files
+from pipelines.runtime.shards import stage_files
+from pipelines.runtime.stages import read_stage, run_stage
 
 PRIOR = "_prior"  # a continuing prompt's earlier responses while the new ones are drawn and scored
 SUPPORTED_RULES = ("pvar_top",)  # the selection whose cut `decide` estimates
@@ -120,7 +122,7 @@ def round_keys(run: RunDir, stage: str):
             table = pq.ParquetFile(f).read(columns=leaves)
         if not table.num_rows:
             continue
-        responses = table.column("responses").combine_chunks()
+        responses = one_array(table.column("responses"))
         flat, _, offsets = flatten_responses(responses)
         overall = pc.fill_null(flat.field("overall"), float("nan")).to_numpy(zero_copy_only=False)
         bad = pc.is_valid(flat.field("problem")).to_numpy(zero_copy_only=False)
@@ -145,8 +147,8 @@ def to_next_round(table: pa.Table, step: int, k_max: int) -> pa.Table:
 
 def merge_prior(table: pa.Table) -> pa.Table:
     """`responses` = the earlier responses then the new ones, per row (the same scorer built both structs)."""
-    prior = table.column(PRIOR).combine_chunks()
-    new = table.column("responses").combine_chunks()
+    prior = one_array(table.column(PRIOR))
+    new = one_array(table.column("responses"))
     pf, _, po = flatten_responses(prior)
     nf, _, no = flatten_responses(new)
     lp, ln = np.diff(po), np.diff(no)

@@ -15,6 +15,7 @@ from ray.data.datasource import Datasink
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL
 from operators.read import read_parquet_files
+from operators.responses import one_array
 from operators.stats import QUARANTINE_SAMPLE
 from pipelines.runtime.console import say
 from pipelines.runtime.manifest import SUCCESS, RunDir, StageRecord
@@ -40,10 +41,7 @@ def _good(table: pa.Table) -> pa.Table:
 
 def _one_chunk(table: pa.Table) -> pa.Table:
     """Columns in several chunks (a block Ray Data built from smaller ones) combined; single chunks kept."""
-    for i, col in enumerate(table.columns):
-        if col.num_chunks > 1:
-            table = table.set_column(i, table.field(i), col.combine_chunks())
-    return table
+    return pa.Table.from_arrays([one_array(c) for c in table.columns], schema=table.schema)
 
 
 def _bad(table: pa.Table) -> pa.Table:

@@ -14,7 +14,10 @@ and after each round `decide` says which prompts get `step` more, up to `k_max`:
   prompt's own se.
 
 A prompt that can still make the cut keeps drawing to `k_max`, so a selected prompt gets as many samples for
-its chosen/rejected pair as without adaptive sampling; only prompts that cannot make it stop early.
+its chosen/rejected pair as without adaptive sampling; only prompts that cannot make it stop early. With
+`z_in` set, `ucb` also stops a prompt that is sure to make the cut (estimate - z_in * se at or above it):
+the samples saved there can buy a higher z for the prompts near the cut, at the price of fewer samples, so
+a smaller reward margin, for the chosen/rejected pair of a prompt that stopped that way.
 
 A prompt whose PVar is not defined yet (fewer than 2 valid rewards) continues. The inputs are what a round
 can know: the rewards drawn so far per prompt (NaN for a sample that has no valid reward), how many samples
@@ -44,6 +47,9 @@ class AdaptiveCfg:
     # ucb: look again at prompts that stopped; one comes back when the cut falls to its bound. Without it a
     # low z stops prompts for good on a few unlucky samples (README, Adaptive sampling).
     resume: bool = True
+    # ucb: also stop a prompt whose lower bound, estimate - z_in * se, is at or above the cut (sure to make
+    # it). null: never, so every prompt that can make the cut draws to k_max.
+    z_in: float | None = None
     fraction: float = 0.1  # the selection fraction the cut is for (select.fraction of pvar_top)
     tau: float = 1.0  # the Bradley-Terry temperature of the PVar (stats.tau)
 
@@ -65,6 +71,12 @@ def check_cfg(cfg: AdaptiveCfg, prefix: str = "adaptive") -> None:
         raise ValueError(f"{prefix}.tau: {cfg.tau} is not allowed (a positive number)")
     if not math.isfinite(cfg.z):
         raise ValueError(f"{prefix}.z: {cfg.z} is not allowed (a finite number)")
+    if cfg.z_in is not None:
+        if RULE_PARAM[cfg.rule] != "z":
+            raise ValueError(f"{prefix}.z_in: {cfg.z_in} is not allowed with rule {cfg.rule!r} (only the bound "
+                             f"rules {', '.join(r for r, p in RULE_PARAM.items() if p == 'z')} read it)")
+        if not (cfg.z_in >= 0 and math.isfinite(cfg.z_in)):
+            raise ValueError(f"{prefix}.z_in: {cfg.z_in} is not allowed (a finite number >= 0, or null)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,7 +189,8 @@ def _rank(state: RoundState, cfg: AdaptiveCfg) -> np.ndarray:
 
 def _bound(state: RoundState, cfg: AdaptiveCfg, pooled: bool) -> np.ndarray:
     """estimate + z * se at or above the cut, for the prompts in play (all below their cap with `resume`:
-    the prompts that continue regress from lucky estimates and the cut falls toward a stopped one).
+    the prompts that continue regress from lucky estimates and the cut falls toward a stopped one); with
+    `z_in`, not those whose estimate - z_in * se is at or above the cut as well (sure to make it).
 
     se is the error of the estimate against the PVar of all k_max samples, the selection this stands in
     for: the first m of k_max exchangeable samples are a random subset of them, so the finite-population
@@ -191,7 +204,10 @@ def _bound(state: RoundState, cfg: AdaptiveCfg, pooled: bool) -> np.ndarray:
     se = pooled_se(se, m) if pooled else se
     se = se * np.sqrt(np.clip(1.0 - m / np.maximum(state.cap, 1), 0.0, 1.0))
     ucb = state.estimates + cfg.z * se
-    return out & (~np.isfinite(ucb) | (ucb >= cut))
+    out &= ~np.isfinite(ucb) | (ucb >= cut)
+    if cfg.z_in is not None:
+        out &= ~(state.estimates - cfg.z_in * se >= cut)  # NaN (no se yet) compares False: continues
+    return out
 
 
 def _ucb(state: RoundState, cfg: AdaptiveCfg) -> np.ndarray:

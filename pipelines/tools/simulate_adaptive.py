@@ -7,7 +7,10 @@ of the samples, replayed over rated data with many responses per prompt.
 A prompt's rated responses stand for the K samples a generator would draw. Each repeat shuffles every prompt's
 responses (its draw order), replays the rounds of `operators.adaptive` over them, selects the top `fraction`
 by the PVar estimate on what was drawn, and compares with the top `fraction` by the PVar over all responses.
-`recall_even` spends the same number of samples spread evenly over the prompts. No Ray: this is numpy.
+`recall_even` spends the same number of samples spread evenly over the prompts. The pair's cost: `margin`
+is the mean over the selected prompts of their chosen/rejected reward margin (best minus worst of the samples
+drawn), `margin_full` the same prompts' margin over all k_max samples, and `stopped_early` the share of the
+selected prompts that drew fewer than k_max. No Ray: this is numpy.
 
 Settings: the grid below, in which every `adaptive.<key>` given (in the config or as an override) pins that
 key. Output: a table, then one JSON line per setting: means over the draw orders, with `<key>_sd` their spread
@@ -229,24 +232,36 @@ def simulate(data: Rewards, cfg: AdaptiveCfg, repeats: int, seed: int, rule: Rul
     tb = tiebreak(data.prompt_ids, 0)
     full, ref = reference(data, cfg)
     floor = full[ref].min()
-    out = {key: [] for key in ("recall", "recall_strict", "sample_share", "recall_even", "rounds")}
+    keys = ("recall", "recall_strict", "sample_share", "recall_even", "rounds", "margin", "margin_full",
+            "stopped_early")
+    out = {key: [] for key in keys}
+    cap = data.counts if cfg.k_max is None else np.minimum(data.counts, cfg.k_max)
     for r in range(repeats):
         rng = np.random.default_rng([seed, r])
         order = draw_order(data, rng)
         n, rounds = replay(order, data.counts, cfg, rule)
-        sel = top_set(pvar_estimates(first_n(order, n), cfg.tau), tb, k)
+        drawn = first_n(order, n)
+        sel = top_set(pvar_estimates(drawn, cfg.tau), tb, k)
         even = top_set(pvar_estimates(first_n(order, even_counts(int(n.sum()), data.counts, rng)), cfg.tau), tb, k)
         out["recall"].append(float((full[sel] >= floor).sum() / k))
         out["recall_strict"].append(float((sel & ref).sum() / k))
         out["recall_even"].append(float((full[even] >= floor).sum() / k))
         out["sample_share"].append(float(n.sum() / data.counts.sum()))
         out["rounds"].append(rounds)
+        out["margin"].append(float(np.mean(spread(drawn[sel]))))
+        out["margin_full"].append(float(np.mean(spread(first_n(order, cap)[sel]))))
+        out["stopped_early"].append(float(np.mean(n[sel] < cap[sel])))
     res = {key: round(float(np.mean(v)), 4) for key, v in out.items()}
     for key in ("recall", "sample_share", "recall_even"):
         res[f"{key}_sd"] = round(float(np.std(out[key])), 4)  # the spread over draw orders
         se = standard_error(out[key])
         res[f"{key}_se"] = None if se is None else round(se, 4)
     return res
+
+
+def spread(R: np.ndarray) -> np.ndarray:
+    """Per row the best minus the worst finite reward: the chosen/rejected pair's margin (operators.stats)."""
+    return np.nanmax(R, axis=1) - np.nanmin(R, axis=1)
 
 
 def standard_error(values: list[float]) -> float | None:
@@ -264,7 +279,7 @@ def standard_error(values: list[float]) -> float | None:
 
 def settings(cfg: SimulateCfg, pinned: set[str]) -> list[AdaptiveCfg]:
     """The grid, each pinned adaptive key held at the config's value; `keep` varies only for rank, `z` only
-    for ucb."""
+    for ucb, and `z_in` (pinned or null) is kept only for the rules that read `z`."""
     def values(key: str) -> list:
         return [getattr(cfg.adaptive, key)] if key in pinned else list(getattr(cfg.grid, key))
 
@@ -275,6 +290,7 @@ def settings(cfg: SimulateCfg, pinned: set[str]) -> list[AdaptiveCfg]:
             for step in values("step"):
                 for v in values(key) if key else [None]:
                     extra = {key: v} if key else {}
+                    extra["z_in"] = cfg.adaptive.z_in if key == "z" else None
                     out.append(dataclasses.replace(cfg.adaptive, rule=rule, k0=k0, step=step, **extra))
     return out
 
@@ -284,7 +300,7 @@ def oracle_settings(cfg: SimulateCfg, pinned: set[str]) -> list[tuple[float, Ada
     def values(key: str) -> list:
         return [getattr(cfg.adaptive, key)] if key in pinned else list(getattr(cfg.grid, key))
 
-    return [(a, dataclasses.replace(cfg.adaptive, k0=k0, step=step))
+    return [(a, dataclasses.replace(cfg.adaptive, k0=k0, step=step, z_in=None))
             for a in cfg.oracle for k0 in values("k0") for step in values("step")]
 
 
@@ -293,6 +309,7 @@ def describe(row: dict) -> str:
         return f"oracle alpha={row['alpha']:g}"
     key = RULE_PARAM.get(row["rule"])
     text = f"{row['rule']} {key}={row[key]:g}" if key else row["rule"]
+    text += f" z_in={row['z_in']:g}" if row.get("z_in") is not None else ""
     return text + " resume" if row["resume"] and row["rule"] != "rank" else text
 
 
@@ -312,17 +329,19 @@ def run(path: str, cfg: SimulateCfg, pinned: set[str]) -> list[dict]:
         check_cfg(s)
         res = simulate(data, s, cfg.repeats, cfg.seed, rule)
         rows.append({"data": os.path.basename(path), "prompts": int(data.counts.size), "rule": name,
-                     "k0": s.k0, "step": s.step, "k_max": s.k_max, "keep": s.keep, "z": s.z, "resume": s.resume,
+                     "k0": s.k0, "step": s.step, "k_max": s.k_max, "keep": s.keep, "z": s.z, "z_in": s.z_in,
+                     "resume": s.resume,
                      "fraction": s.fraction, "tau": s.tau, "repeats": cfg.repeats,
                      **({"alpha": alpha} if rule else {}), **res})
-    head = f"{'rule':<21} {'k0':>3} {'step':>4} {'share':>6} {'recall':>7} {'sd':>6} {'se':>6} {'strict':>7} " \
-           f"{'even':>6} {'rounds':>6}"
+    head = f"{'rule':<28} {'k0':>3} {'step':>4} {'share':>6} {'recall':>7} {'sd':>6} {'se':>6} {'strict':>7} " \
+           f"{'even':>6} {'rounds':>6} {'margin':>7} {'of_all':>7}"
     print(head)
     for r in rows:
         se = "-" if r["recall_se"] is None else f"{r['recall_se']:.3f}"
-        print(f"{describe(r):<21} {r['k0']:>3} "
+        print(f"{describe(r):<28} {r['k0']:>3} "
               f"{r['step']:>4} {r['sample_share']:>6.3f} {r['recall']:>7.3f} {r['recall_sd']:>6.3f} {se:>6} "
-              f"{r['recall_strict']:>7.3f} {r['recall_even']:>6.3f} {r['rounds']:>6.1f}")
+              f"{r['recall_strict']:>7.3f} {r['recall_even']:>6.3f} {r['rounds']:>6.1f} {r['margin']:>7.3f} "
+              f"{r['margin_full']:>7.3f}")
     for r in rows:
         print(json.dumps(r))
     return rows

@@ -151,6 +151,32 @@ def test_ucb_pooled_se_and_resume():
     assert not decide(ROUND, [6, 6, 6, 6], [True] * 4, AdaptiveCfg(rule="ucb", z=9.0, fraction=0.5), 6).any()
 
 
+def test_ucb_z_in_stops_the_prompts_sure_to_make_the_cut():
+    # As above: the m = 3 prompts' pooled se times sqrt(1 - 3/6) is s ~ 0.0745 and the cut is A's 0.0967.
+    # D's lower bound 2 h(4)/3 - z_in * s (0.1549 - 0.0745 z_in) is at or above the cut for z_in up to
+    # (0.1549 - 0.0967) / 0.0745 ~ 0.781: D stops at z_in 0.5 and draws on at z_in 1. A is the cut
+    # itself, so only z_in 0 stops it. E (one reward) has no estimate and continues whatever z_in.
+    s = math.sqrt(((2 * h(4.0) / 3) ** 2 + (2 * h(2.0) / 3) ** 2) / 3) * math.sqrt(0.5)
+    cut = 2 * h(2.0) / 3
+    assert s == pytest.approx(0.074539, abs=1e-6) and cut == pytest.approx(0.096671, abs=1e-6)
+    assert 0.5 < (2 * h(4.0) / 3 - cut) / s < 1.0
+    rewards, drawn = [*ROUND, [7.0, None]], [3, 3, 4, 3, 2]
+
+    def go(active=(True,) * 5, **kw):
+        return decide(rewards, drawn, list(active), AdaptiveCfg(rule="ucb", z=1.0, fraction=0.5, **kw), 6).tolist()
+
+    assert go() == [True, True, False, False, True]  # z_in null: as ucb always did
+    assert go(z_in=1.0) == [True, True, False, False, True]
+    assert go(z_in=0.5) == [False, True, False, False, True]
+    assert go(z_in=0.0) == [False, False, False, False, True]
+    # D stopped sure in an earlier round. With resume it is looked at again: it stays stopped while its
+    # lower bound holds (z_in 0.5) and comes back when it does not (z_in 1); without resume it stays out.
+    d_out = (False, True, True, True, True)
+    assert go(d_out, z_in=0.5, resume=True) == [False, True, False, False, True]
+    assert go(d_out, z_in=1.0, resume=True) == [True, True, False, False, True]
+    assert go(d_out, z_in=1.0, resume=False) == [False, True, False, False, True]
+
+
 def test_rank_keeps_the_top_of_those_in_play():
     # in play: D, A, B, and E (one reward: no estimate, continues); C is out. keep 0.5 of the 3 with an
     # estimate = round(1.5) = 2: D and A.
@@ -195,9 +221,13 @@ def test_draws_per_round():
 
 def test_check_cfg_names_the_key():
     check_cfg(AdaptiveCfg())
+    check_cfg(AdaptiveCfg(z_in=2.0))
+    check_cfg(AdaptiveCfg(rule="ucb_prompt", z_in=0.0))
     for bad, key in ((AdaptiveCfg(rule="bandit"), "adaptive.rule"), (AdaptiveCfg(k0=1), "adaptive.k0"),
                      (AdaptiveCfg(step=0), "adaptive.step"), (AdaptiveCfg(k0=8, k_max=4), "adaptive.k_max"),
                      (AdaptiveCfg(keep=0.0), "adaptive.keep"), (AdaptiveCfg(fraction=1.5), "adaptive.fraction"),
-                     (AdaptiveCfg(tau=0.0), "adaptive.tau")):
+                     (AdaptiveCfg(tau=0.0), "adaptive.tau"), (AdaptiveCfg(z_in=-0.5), "adaptive.z_in"),
+                     (AdaptiveCfg(z_in=math.inf), "adaptive.z_in"),
+                     (AdaptiveCfg(rule="rank", z_in=2.0), "adaptive.z_in")):
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             check_cfg(bad)

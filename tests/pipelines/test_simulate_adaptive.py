@@ -69,6 +69,20 @@ def test_ucb_stops_the_flat_prompts_after_the_first_round(tmp_path):
     assert res["rounds"] == 3  # 4 -> 6 -> 8, then the cap
 
 
+def test_z_in_stops_the_sure_prompts_and_reports_the_pairs_margin(tmp_path):
+    # Without z_in the two spread prompts draw all 8 (0, 10, ..., 70): margin 70 with or without adaptive
+    # sampling. z_in 0 stops every prompt whose estimate is at or above the cut, so both spread prompts stop
+    # at k0 4 with the flat ones: share 80 / 160, both still selected (recall 1), both stopped early, and
+    # each pair's margin is the range of 4 of its 8 rewards (at least 30, below 70 unless 0 and 70 are drawn).
+    data = read_rewards(str(write_rated(tmp_path / "r.jsonl.gz")))
+    full = simulate(data, AdaptiveCfg(rule="ucb", k0=4, step=2, z=1.0), repeats=3, seed=0)
+    assert full["margin"] == full["margin_full"] == 70.0 and full["stopped_early"] == 0.0
+    res = simulate(data, AdaptiveCfg(rule="ucb", k0=4, step=2, z=1.0, z_in=0.0), repeats=3, seed=0)
+    assert res["sample_share"] == pytest.approx(0.5, abs=1e-12)
+    assert res["recall"] == 1.0 and res["rounds"] == 1 and res["stopped_early"] == 1.0
+    assert res["margin_full"] == 70.0 and 30.0 <= res["margin"] < 70.0
+
+
 def test_standard_error_by_hand():
     # [0.8, 0.9, 1.0]: mean 0.9, squared deviations 0.01 + 0 + 0.01, sample variance 0.02 / 2 = 0.01,
     # sd 0.1, se 0.1 / sqrt(3) = 0.057735; one draw order has none.
@@ -138,6 +152,9 @@ def test_pinned_keys_replace_their_grid_dimension():
     full = settings(SimulateCfg(), set())
     assert {s.rule for s in full} == set(SimulateCfg().grid.rule)
     assert all(s.keep == AdaptiveCfg().keep for s in full if s.rule != "rank")
+    # a pinned z_in reaches the rules that read z; rank, which would refuse it, runs without
+    both = settings(SimulateCfg(adaptive=AdaptiveCfg(z_in=2.0)), {"z_in"})
+    assert {(s.rule, s.z_in) for s in both} == {("rank", None), ("ucb", 2.0)}
 
 
 def test_console_script_prints_one_json_line_per_setting(tmp_path):
@@ -150,7 +167,8 @@ def test_console_script_prints_one_json_line_per_setting(tmp_path):
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [(r["rule"], r["k0"], r["step"]) for r in rows] == [("ucb", 4, 2), ("ucb", 4, 4)]
     for r in rows:
-        assert {"recall", "recall_strict", "sample_share", "recall_even", "repeats", "rounds", "z"} <= set(r)
+        assert {"recall", "recall_strict", "sample_share", "recall_even", "repeats", "rounds", "z", "z_in",
+                "margin", "margin_full", "stopped_early"} <= set(r)
         assert r["repeats"] == 2 and r["recall"] == 1.0
     assert rows[0]["sample_share"] == pytest.approx(0.55, abs=1e-12)
 

@@ -81,7 +81,7 @@ def planned_samples(prompts: int, a: AdaptiveCfg, k_max: int) -> tuple[int, int,
     """(fewest, most, exact) samples adaptive sampling can draw for `prompts` prompts, before any reward is
     seen. `rank` is exact: the top `keep` of the prompts in play continue each round (Budget's rounding).
     `ucb` depends on the rewards: at fewest every prompt gets k0 and only the selected `fraction` draws on
-    to k_max; at most every prompt draws k_max (a full run)."""
+    to k_max (with `z_in` the selected can stop at k0 too); at most every prompt draws k_max (a full run)."""
     from operators.select import Budget
 
     k0 = min(a.k0, k_max)
@@ -92,7 +92,7 @@ def planned_samples(prompts: int, a: AdaptiveCfg, k_max: int) -> tuple[int, int,
             total += play * min(a.step, k_max - k)
             k += a.step
         return total, total, True
-    selected = Budget(fraction=a.fraction).size(prompts)
+    selected = 0 if a.z_in is not None else Budget(fraction=a.fraction).size(prompts)
     return prompts * k0 + selected * (k_max - k0), prompts * k_max, False
 
 

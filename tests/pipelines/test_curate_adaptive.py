@@ -175,6 +175,9 @@ def test_adaptive_keys_follow_select_and_stats(tmp_path):
         adaptive_cfg(config(tmp_path, tiny_models, {"k0": 2, "k_max": 3}))
     with pytest.raises(ConfigError, match=r"generate.adaptive.k0: 1 is not allowed"):
         adaptive_cfg(config(tmp_path, tiny_models, {"k0": 1}))
+    assert adaptive_cfg(config(tmp_path, tiny_models, {"k0": 2, "z_in": 1.0})).z_in == 1.0
+    with pytest.raises(ConfigError, match=r"generate.adaptive.z_in: 1.0 is not allowed with rule 'rank'"):
+        adaptive_cfg(config(tmp_path, tiny_models, {"k0": 2, "rule": "rank", "z_in": 1.0}))
 
 
 def test_generator_draws_only_the_requested_sample_range(tiny_models):
@@ -209,3 +212,5 @@ def test_dry_run_estimate_of_samples():
     assert planned_samples(20, AdaptiveCfg(rule="rank", k0=4, step=3, keep=0.7), 10) == (80 + 42 + 30, 152, True)
     # ucb: at fewest k0 each and the selected 10 of 96 on to the cap; at most a full run
     assert planned_samples(96, AdaptiveCfg(rule="ucb", k0=4, fraction=0.1), 8) == (96 * 4 + 10 * 4, 768, False)
+    # with z_in a prompt sure to make the cut can stop at k0 as well
+    assert planned_samples(96, AdaptiveCfg(rule="ucb", k0=4, z_in=1.0), 8) == (96 * 4, 768, False)

@@ -215,7 +215,9 @@ def _print_adaptive(cfg: CurateConfig, inp: InputInfo) -> None:
     low, high, exact = planned_samples(inp.prompts, a, k)
     full, tok = inp.prompts * k, cfg.generate.max_tokens
     span = f"{low:,} ({low / full:.0%})" if exact else f"{low:,} to {high:,} ({low / full:.0%} to {high / full:.0%})"
-    how = "exact for rank" if exact else "k0 each, the selected fraction on to num_samples; at most a full run"
+    fewest = ("k0 each (z_in: a prompt sure to make the cut may stop there too)" if a.z_in is not None
+              else "k0 each, the selected fraction on to num_samples")
+    how = "exact for rank" if exact else f"{fewest}; at most a full run"
     print(f"# adaptive sampling ({a.rule}, k0 {a.k0}, step {a.step}): samples {span} of {full:,} for a full "
           f"run ({how}); tokens at most {low * tok:,}" + ("" if exact else f" to {high * tok:,}"))
 

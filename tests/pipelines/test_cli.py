@@ -56,6 +56,21 @@ def test_dry_run_curate_prompts(tmp_path, capsys, no_ray):
     assert f"{n:,} prompts x 4 samples x 32 max_tokens = {n * 4 * 32:,}" in out
 
 
+@pytest.mark.parametrize("z_in, fewest", [(None, "k0 each, the selected fraction on to num_samples"),
+                                           ("1.0", "k0 each (z_in: a prompt sure to make the cut may stop there too)")])
+def test_dry_run_adaptive_estimate(tmp_path, capsys, no_ray, z_in, fewest):
+    extra = [] if z_in is None else [f"generate.adaptive.z_in={z_in}"]
+    assert main(["curate", "--config", CONFIG, f"input.path={PROMPTS}", "input.limit=100", "generate.num_samples=8",
+                 "generate.max_tokens=10", "generate.model=runs/tiny_models/policy", "select.rule=pvar_top",
+                 "select.fraction=0.1", "generate.adaptive.rule=ucb", "generate.adaptive.k0=2",
+                 "generate.adaptive.step=2", *extra, f"output.dir={tmp_path / 'never'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 100 prompts x 8 = 800 for a full run; the fewest: 2 each (200), or with the selected 10 on to 8 (260)
+    low = 200 if z_in else 260
+    assert f"samples {low:,} to 800 ({low / 800:.0%} to 100%) of 800 for a full run ({fewest}; at most a full run)" in out, out
+    assert f"tokens at most {low * 10:,} to 8,000" in out
+
+
 def test_dry_run_curate_limit_and_rated_input(tmp_path, capsys, no_ray):
     assert main(["curate", "--config", CONFIG, f"input.path={RATED}", "input.limit=120",
                  f"output.dir={tmp_path / 'never'}", "--dry-run"]) == 0

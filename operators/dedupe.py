@@ -7,7 +7,8 @@ per block on rows held once in the object store.
 
 Parquet input is read once: the driver reads the ids alone (`parquet_ids`), and the stage's streaming write
 holds the live rows whose id repeats (`hold_repeated`, a few per cent) in a side folder, to be judged
-together on the driver once the pass is over (`settle_duplicates`).
+together on the driver once the pass is over (`settle_duplicates`). That read is `KeyedParquet`, a batch of
+rows at a time, with the row ids.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from ray.data.datasource import FileBasedDatasource
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL, with_quarantine
-from operators.jsonl import list_files
-from operators.read import read_parquet_files
+from operators.jsonl import file_infos, list_files
 
 ROW_ID = "_row_id"  # a 64-bit id per row that tells copies of one prompt_id apart
 HELD = "_held"  # set on the live rows whose prompt_id repeats: the stage's write holds them for the rule
@@ -49,17 +50,67 @@ def parquet_ids(path: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({"prompt_id": pa.array([], pa.string())})
 
 
+# Decoded bytes per batch (and block) of the keyed parquet read: small enough that a worker holds a few of them.
+KEYED_BATCH_BYTES = 16 << 20
+
+
+class KeyedParquet(FileBasedDatasource):
+    """Parquet files read a batch of rows at a time, each row with its ROW_ID: a hash of the file's path plus
+    the row's place in the file, the same on every run, so which exact copy of a repeated id is kept does not
+    change between runs.
+
+    Ray Data's parquet readers go through `pyarrow.dataset`, which decodes a whole row group before slicing
+    it, and V2 also prefetches the compressed row group: with long texts, a few hundred MB per read task
+    before any work. A process pays system time the first time it touches memory, so that peak, paid again
+    by every worker, cost more than the work. `ParquetFile.iter_batches` decodes `batch_bytes` of rows at a
+    time instead, and reads the file through a buffer rather than prefetching it.
+    """
+
+    _FILE_EXTENSIONS = ["parquet"]
+
+    def __init__(self, paths: list[str], batch_bytes: int = KEYED_BATCH_BYTES, **kwargs):
+        super().__init__(paths, file_extensions=["parquet"], **kwargs)
+        self.batch_bytes = batch_bytes
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        return filesystem.open_input_file(path)  # parquet needs random access, not a stream
+
+    def _read_stream(self, f, path: str):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+        base = np.frombuffer(hashlib.blake2b(path.encode(), digest_size=8).digest(), np.uint64)[0]
+        start = 0
+        for batch in pf.iter_batches(batch_size=batch_rows(pf.metadata, self.batch_bytes), use_threads=False):
+            table = pa.Table.from_batches([batch])
+            # Wraps around 2**64 (uint64 arithmetic): ids of two files meet only if their hashes fall within
+            # a file's row count of each other.
+            ids = base + np.arange(start, start + table.num_rows, dtype=np.uint64)
+            start += table.num_rows
+            yield table.append_column(ROW_ID, pa.array(ids, pa.uint64()))
+
+
+def batch_rows(meta, batch_bytes: int) -> int:
+    """Rows per batch for about `batch_bytes` of decoded columns, from the widest row group's uncompressed
+    size per row (the footer's figure, no data read)."""
+    per_row = max((sum(rg.column(i).total_uncompressed_size for i in range(rg.num_columns)) / rg.num_rows
+                   for rg in (meta.row_group(g) for g in range(meta.num_row_groups)) if rg.num_rows),
+                  default=1.0)
+    return max(1, int(batch_bytes // max(per_row, 1.0)))
+
+
 def read_parquet_keyed(path: str, limit: int | None = None):
-    """A parquet read whose rows carry ROW_ID: Ray Data's `row_hash`, a hash of the file and the row's place in
-    it: the same on every run, so which exact copy of a repeated id is kept does not change between runs."""
-    ds = read_parquet_files(path, include_row_hash=True)
-    if limit is not None:
-        ds = ds.limit(limit)
-    return ds.map_batches(_row_hash_as_id, batch_format="pyarrow")
+    """The parquet files of an input (`operators.jsonl.file_infos`), one read task per file, in blocks of about
+    KEYED_BATCH_BYTES, each row with its ROW_ID (`KeyedParquet`)."""
+    import ray
 
-
-def _row_hash_as_id(batch: pa.Table) -> pa.Table:
-    return batch.rename_columns([ROW_ID if c == "row_hash" else c for c in batch.column_names])
+    fs, files = file_infos(path, ("parquet",))
+    ds = ray.data.read_datasource(KeyedParquet([f.path for f in files], KEYED_BATCH_BYTES, filesystem=fs),
+                                  override_num_blocks=max(1, len(files)))
+    # This dataset's own context (read_datasource copies the global one): a batch is a block, not
+    # concatenated with the next ones up to Ray Data's 128 MiB before the maps.
+    ds.context.target_max_block_size = KEYED_BATCH_BYTES
+    return ds.limit(limit) if limit is not None else ds
 
 
 def live_ids(batch: pa.Table) -> pa.Table:

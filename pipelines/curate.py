@@ -139,8 +139,9 @@ def main(cfg: CurateConfig) -> dict:
                           f"prompt, got {cfg.generate.num_samples}")
     source = os.path.basename(in_path.rstrip("/"))
     fmt = detect_format(in_path) if cfg.input.format == "auto" else cfg.input.format
-    # Ray Data's row hash would overwrite an input column of its name; binarized rows get ids from their text.
-    keyed = fmt == "parquet" and schema != "binarized" and "row_hash" not in columns
+    # The keyed read adds its row ids as a column of their own name; binarized rows get ids from
+    # their text.
+    keyed = fmt == "parquet" and schema != "binarized" and ROW_ID not in columns
 
     row_schema = "rated" if schema == "binarized" else schema
     check_input_columns(columns if schema != "binarized" else ["prompt_id", "prompt", "responses"],

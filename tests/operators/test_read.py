@@ -1,9 +1,11 @@
-"""Duplicate prompt ids from keys alone: the pure steps of `operators.dedupe.dedupe_prompts`."""
+"""Duplicate prompt ids from keys alone: the pure steps of `operators.dedupe.dedupe_prompts`, and the keyed
+parquet read that gives rows their ids."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
+from operators import dedupe
 from operators.base import QUARANTINE
 from operators.dedupe import (
     HELD,
@@ -13,6 +15,7 @@ from operators.dedupe import (
     duplicate_decisions,
     hold_repeated,
     live_ids,
+    read_parquet_keyed,
     repeated_ids,
     settle_duplicates,
 )
@@ -59,3 +62,24 @@ def test_held_rows_are_the_live_ones_of_repeated_ids_and_settle_by_the_rule():
     assert settled.column("prompt_id").to_pylist() == ["a", "a", "c", "c", "d"]
     assert settled.column(QUARANTINE).to_pylist() == [None, "duplicate_prompt_id", "conflicting_duplicate_prompt_id",
                                                       "conflicting_duplicate_prompt_id", None]
+
+
+def test_keyed_read_streams_small_blocks_with_ids_stable_across_runs(ray_local, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    for f in range(2):  # one row group per file: the read must still cut it into batches
+        pq.write_table(pa.table({"prompt_id": [f"p{f}-{i}" for i in range(300)], "prompt": ["x" * 100] * 300}),
+                       tmp_path / f"part-{f}.parquet")
+    (tmp_path / "_SUCCESS").write_text("")  # a marker file is not read
+    monkeypatch.setattr(dedupe, "KEYED_BATCH_BYTES", 4000)  # about 38 rows of ~105 bytes per batch
+    ds = read_parquet_keyed(str(tmp_path))
+    blocks = [pa.Table.from_batches(b.to_batches()) for b in ds.iter_batches(batch_format="pyarrow",
+                                                                              batch_size=None)]
+    rows = pa.concat_tables(blocks)
+    assert rows.num_rows == 600 and len(blocks) >= 10 and max(b.num_rows for b in blocks) < 300
+    ids = dict(zip(rows.column("prompt_id").to_pylist(), rows.column(ROW_ID).to_pylist(), strict=True))
+    assert len(set(ids.values())) == 600
+    # Within a file, the ids count the rows from the file's own base.
+    assert ids["p0-5"] - ids["p0-0"] == 5 and ids["p1-299"] - ids["p1-0"] == 299
+    again = pa.concat_tables(read_parquet_keyed(str(tmp_path)).iter_batches(batch_format="pyarrow", batch_size=None))
+    assert dict(zip(again.column("prompt_id").to_pylist(), again.column(ROW_ID).to_pylist(), strict=True)) == ids

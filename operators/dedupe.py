@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from ray.data.datasource import FileBasedDatasource
+from ray.data.datasource import Datasource
 
 from operators.base import QUARANTINE, QUARANTINE_DETAIL, with_quarantine
 from operators.jsonl import file_infos, list_files
@@ -50,14 +51,18 @@ def parquet_ids(path: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({"prompt_id": pa.array([], pa.string())})
 
 
-# Decoded bytes per batch (and block) of the keyed parquet read: small enough that a worker holds a few of them.
+# The keyed parquet read: decoded bytes per batch (and block), and per read task (whole row groups; one larger
+# row group is a task alone). Ray Data's write keeps every block its task wrote until the task ends (it tees
+# the blocks to report them), so a task's share is what a worker holds at its peak.
 KEYED_BATCH_BYTES = 16 << 20
+KEYED_TASK_BYTES = 256 << 20
 
 
-class KeyedParquet(FileBasedDatasource):
+class KeyedParquet(Datasource):
     """Parquet files read a batch of rows at a time, each row with its ROW_ID: a hash of the file's path plus
     the row's place in the file, the same on every run, so which exact copy of a repeated id is kept does not
-    change between runs.
+    change between runs. One read task per run of whole row groups of about `task_bytes` (footers read on
+    the driver).
 
     Ray Data's parquet readers go through `pyarrow.dataset`, which decodes a whole row group before slicing
     it, and V2 also prefetches the compressed row group: with long texts, a few hundred MB per read task
@@ -66,22 +71,57 @@ class KeyedParquet(FileBasedDatasource):
     time instead, and reads the file through a buffer rather than prefetching it.
     """
 
-    _FILE_EXTENSIONS = ["parquet"]
-
-    def __init__(self, paths: list[str], batch_bytes: int = KEYED_BATCH_BYTES, **kwargs):
-        super().__init__(paths, file_extensions=["parquet"], **kwargs)
-        self.batch_bytes = batch_bytes
-
-    def _open_input_source(self, filesystem, path: str, **open_args):
-        return filesystem.open_input_file(path)  # parquet needs random access, not a stream
-
-    def _read_stream(self, f, path: str):
+    def __init__(self, fs, paths: list[str], batch_bytes: int = KEYED_BATCH_BYTES,
+                 task_bytes: int = KEYED_TASK_BYTES):
         import pyarrow.parquet as pq
 
+        self.fs, self.batch_bytes = fs, batch_bytes
+        self.units: list[tuple[str, list[int], int, int, int]] = []  # path, row groups, first row, rows, bytes
+        for path in paths:
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+            groups: list[int] = []
+            first = start = size = 0
+            for g in range(meta.num_row_groups):
+                rg = meta.row_group(g)
+                if groups and size + _uncompressed(rg) > task_bytes:
+                    self.units.append((path, groups, first, start - first, size))
+                    groups, first, size = [], start, 0
+                groups.append(g)
+                start += rg.num_rows
+                size += _uncompressed(rg)
+            if groups or not self.units or self.units[-1][0] != path:  # an empty file still gives its schema
+                self.units.append((path, groups, first, start - first, size))
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(u[4] for u in self.units)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import ReadTask
+
+        return [ReadTask(partial(_read_keyed, self.fs, path, groups, first, self.batch_bytes),
+                         BlockMetadata(num_rows=rows, size_bytes=int(size), input_files=[path], exec_stats=None),
+                         per_task_row_limit=per_task_row_limit)
+                for path, groups, first, rows, size in self.units]
+
+
+def _uncompressed(rg) -> int:
+    return sum(rg.column(i).total_uncompressed_size for i in range(rg.num_columns))
+
+
+def _read_keyed(fs, path: str, groups: list[int], first: int, batch_bytes: int):
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+        if not groups:
+            yield pf.schema_arrow.empty_table().append_column(ROW_ID, pa.array([], pa.uint64()))
+            return
         base = np.frombuffer(hashlib.blake2b(path.encode(), digest_size=8).digest(), np.uint64)[0]
-        start = 0
-        for batch in pf.iter_batches(batch_size=batch_rows(pf.metadata, self.batch_bytes), use_threads=False):
+        start = first
+        for batch in pf.iter_batches(batch_size=batch_rows(pf.metadata, batch_bytes), row_groups=groups,
+                                     use_threads=False):
             table = pa.Table.from_batches([batch])
             # Wraps around 2**64 (uint64 arithmetic): ids of two files meet only if their hashes fall within
             # a file's row count of each other.
@@ -93,20 +133,20 @@ class KeyedParquet(FileBasedDatasource):
 def batch_rows(meta, batch_bytes: int) -> int:
     """Rows per batch for about `batch_bytes` of decoded columns, from the widest row group's uncompressed
     size per row (the footer's figure, no data read)."""
-    per_row = max((sum(rg.column(i).total_uncompressed_size for i in range(rg.num_columns)) / rg.num_rows
+    per_row = max((_uncompressed(rg) / rg.num_rows
                    for rg in (meta.row_group(g) for g in range(meta.num_row_groups)) if rg.num_rows),
                   default=1.0)
     return max(1, int(batch_bytes // max(per_row, 1.0)))
 
 
 def read_parquet_keyed(path: str, limit: int | None = None):
-    """The parquet files of an input (`operators.jsonl.file_infos`), one read task per file, in blocks of about
-    KEYED_BATCH_BYTES, each row with its ROW_ID (`KeyedParquet`)."""
+    """The parquet files of an input (`operators.jsonl.file_infos`), in blocks of about KEYED_BATCH_BYTES, each
+    row with its ROW_ID (`KeyedParquet`)."""
     import ray
 
     fs, files = file_infos(path, ("parquet",))
-    ds = ray.data.read_datasource(KeyedParquet([f.path for f in files], KEYED_BATCH_BYTES, filesystem=fs),
-                                  override_num_blocks=max(1, len(files)))
+    source = KeyedParquet(fs, [f.path for f in files], KEYED_BATCH_BYTES, KEYED_TASK_BYTES)
+    ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(source.units)))
     # This dataset's own context (read_datasource copies the global one): a batch is a block, not
     # concatenated with the next ones up to Ray Data's 128 MiB before the maps.
     ds.context.target_max_block_size = KEYED_BATCH_BYTES

@@ -67,11 +67,12 @@ def test_held_rows_are_the_live_ones_of_repeated_ids_and_settle_by_the_rule():
 def test_keyed_read_streams_small_blocks_with_ids_stable_across_runs(ray_local, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    for f in range(2):  # one row group per file: the read must still cut it into batches
+    for f in range(2):  # part-0: one row group, which the read must still cut; part-1: 3, one task each
         pq.write_table(pa.table({"prompt_id": [f"p{f}-{i}" for i in range(300)], "prompt": ["x" * 100] * 300}),
-                       tmp_path / f"part-{f}.parquet")
+                       tmp_path / f"part-{f}.parquet", row_group_size=300 if f == 0 else 100)
     (tmp_path / "_SUCCESS").write_text("")  # a marker file is not read
     monkeypatch.setattr(dedupe, "KEYED_BATCH_BYTES", 4000)  # about 38 rows of ~105 bytes per batch
+    monkeypatch.setattr(dedupe, "KEYED_TASK_BYTES", 1)
     ds = read_parquet_keyed(str(tmp_path))
     blocks = [pa.Table.from_batches(b.to_batches()) for b in ds.iter_batches(batch_format="pyarrow",
                                                                               batch_size=None)]
@@ -79,7 +80,7 @@ def test_keyed_read_streams_small_blocks_with_ids_stable_across_runs(ray_local, 
     assert rows.num_rows == 600 and len(blocks) >= 10 and max(b.num_rows for b in blocks) < 300
     ids = dict(zip(rows.column("prompt_id").to_pylist(), rows.column(ROW_ID).to_pylist(), strict=True))
     assert len(set(ids.values())) == 600
-    # Within a file, the ids count the rows from the file's own base.
+    # Within a file, the ids count the rows from the file's own base, across its row groups and read tasks.
     assert ids["p0-5"] - ids["p0-0"] == 5 and ids["p1-299"] - ids["p1-0"] == 299
     again = pa.concat_tables(read_parquet_keyed(str(tmp_path)).iter_batches(batch_format="pyarrow", batch_size=None))
     assert dict(zip(again.column("prompt_id").to_pylist(), again.column(ROW_ID).to_pylist(), strict=True)) == ids

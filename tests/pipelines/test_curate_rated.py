@@ -223,3 +223,32 @@ def test_parquet_duplicate_ids_across_files(ray_local, tmp_path):
     counts = ("rows_in", "rows_out", "rows_out_as_input", "quarantined")
     rec = check_manifest(out)["stages"]["stats"]
     assert [rec[k] for k in counts] == [m["stages"]["stats"][k] for k in counts]
+
+
+def test_parquet_files_whose_schemas_differ(ray_local, tmp_path):
+    """The keyed read gives each file its own schema: a file with an extra column and an extra response field
+    is curated with the others, no row lost, and its prompts/ shard keeps what the file had."""
+    import pyarrow as pa
+
+    def row(pid, *rewards, extra=False):
+        resp = [{"text": f"{pid}-{i}" * (i + 1), "overall": r, "scores": {"a": r * r, "b": 3.0 - r + i},
+                 **({"model": "m"} if extra else {})} for i, r in enumerate(rewards)]
+        return {"prompt_id": pid, "prompt": f"p {pid}", "responses": resp, **({"meta": "x"} if extra else {})}
+
+    data = tmp_path / "in"
+    data.mkdir()
+    pq.write_table(pa.Table.from_pylist([row("a1", 1.0, 2.0), row("a2", 3.0, 1.0, 2.5)]), data / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([row("b1", 1.0, 2.0, extra=True), row("b2", 0.5, 4.0, extra=True)]),
+                   data / "b.parquet")
+    out = tmp_path / "run"
+    curate.main(run_cfg(out, **{"input.path": str(data), "select.fraction": 1.0}))
+    m = check_manifest(out)["stages"]
+    assert (m["prompts"]["rows_in"], m["prompts"]["rows_out"], m["stats"]["rows_in"]) == (4, 4, 9)
+    shards = {tuple(sorted(t.column("prompt_id").to_pylist())): t
+              for t in (pq.read_table(f) for f in sorted((out / "prompts").glob("*.parquet")))}
+    assert set(shards) == {("a1", "a2"), ("b1", "b2")}
+    assert shards[("b1", "b2")].column("meta").to_pylist() == ["x", "x"]
+    assert "meta" not in shards[("a1", "a2")].column_names
+    assert [r["model"] for r in shards[("b1", "b2")].column("responses").to_pylist()[0]] == ["m", "m"]
+    stats = {r["prompt_id"]: r for r in read(out, "stats")}
+    assert stats["a2"]["margin"] == 2.0 and stats["b2"]["margin"] == 3.5 and stats["b1"]["n"] == 2

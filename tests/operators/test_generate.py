@@ -166,8 +166,9 @@ def test_prompts_per_call_default_by_backend(tiny_models):
 
 
 def test_engine_auto_is_stepped_where_vllm_runs_on_cpu_and_async_on_gpus(monkeypatch):
-    # README, Performance: generation: on CPU the stepped engine beat raw one-call generate in the median of
-    # rotated rounds; on GPUs the async one keeps the engine from draining between calls.
+    # README, Performance: generation: on CPU the stepped engine beat the sync one in the median of rotated
+    # rounds and comes closest to raw one-call generate; on GPUs the async one keeps the engine from draining
+    # between calls.
     import operators.vllm_engines as engines
 
     if not torch.cuda.is_available():

@@ -84,14 +84,15 @@ class KeyedParquet(Datasource):
             first = start = size = 0
             for g in range(meta.num_row_groups):
                 rg = meta.row_group(g)
-                if groups and size + _uncompressed(rg) > task_bytes:
+                rg_size = _uncompressed(rg)
+                if groups and size + rg_size > task_bytes:
                     self.units.append((path, groups, first, start - first, size))
                     groups, first, size = [], start, 0
                 groups.append(g)
                 start += rg.num_rows
-                size += _uncompressed(rg)
-            if groups or not self.units or self.units[-1][0] != path:  # an empty file still gives its schema
-                self.units.append((path, groups, first, start - first, size))
+                size += rg_size
+            # The last run of row groups; a file without any is one empty unit, which still gives its schema.
+            self.units.append((path, groups, first, start - first, size))
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(u[4] for u in self.units)

@@ -73,6 +73,7 @@ TOP_P = 0.95
 TARGET = 0.95  # issue 13: the engine generate.engine=auto picks, over raw one-call LLM.generate
 LABELS = {"raw-vllm": "raw vllm.LLM.generate, one call", "sync": "prefsift Generator, sync engine",
           "async": "prefsift Generator, async engine", "stepped": "prefsift Generator, stepped engine",
+          "stepped-ray-niceness": "prefsift Generator, stepped engine at Ray's worker niceness (15)",
           "ray-data-llm": "ray.data.llm, K rows per prompt",
           "hf": "prefsift Generator (hf)"}
 
@@ -127,7 +128,8 @@ def _samples_out(keys: list[tuple[str, int]], lengths: list[int], texts: list[st
             "by_key": {f"{p}\x1f{j}": [n, _digest(t)] for (p, j), n, t in zip(keys, lengths, texts, strict=True)}}
 
 
-def _engine_cfg(a: argparse.Namespace, engine: str = "async", backend: str = "vllm") -> GenerateCfg:
+def _engine_cfg(a: argparse.Namespace, engine: str = "async", backend: str = "vllm",
+                niceness: int | None = GenerateCfg.niceness) -> GenerateCfg:
     cuda = cuda_available()
     return GenerateCfg(
         backend=backend, engine=engine, model=a.model, num_samples=a.k, temperature=TEMPERATURE, top_p=TOP_P,
@@ -135,7 +137,7 @@ def _engine_cfg(a: argparse.Namespace, engine: str = "async", backend: str = "vl
         max_concurrent_batches=a.max_concurrent_batches, max_requests_in_flight=a.max_requests_in_flight,
         # On 2 CPUs a whole-CPU actor would leave nothing for Ray Data's read and write tasks (DESIGN.md).
         num_cpus=a.actor_cpus, num_gpus_per_worker=1.0 if cuda and backend == "hf" else 0.0,
-        gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=True,
+        gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=True, niceness=niceness,
     )
 
 
@@ -172,7 +174,8 @@ def run_raw_vllm(a: argparse.Namespace, prompts: list[dict]) -> dict:
             "tok_s": sum(lengths) / seconds}
 
 
-def run_pipeline(a: argparse.Namespace, prompts: list[dict], engine: str, backend: str = "vllm") -> dict:
+def run_pipeline(a: argparse.Namespace, prompts: list[dict], engine: str, backend: str = "vllm",
+                 niceness: int | None = GenerateCfg.niceness) -> dict:
     """The curate pipeline's generate stage: `apply(ds, Generator, generator_resources(cfg))`."""
     import pyarrow as pa
     import ray
@@ -181,7 +184,7 @@ def run_pipeline(a: argparse.Namespace, prompts: list[dict], engine: str, backen
     from operators.generate import Generator, generator_resources
 
     init_s = init_local_ray(object_store_gb=1.0)
-    cfg = _engine_cfg(a, engine, backend)
+    cfg = _engine_cfg(a, engine, backend, niceness)
     # One log per contender process: every round runs in a process of its own.
     log = os.path.join(os.path.dirname(a.prompts_file), f"timings-{backend}-{engine}-{os.getpid()}.jsonl")
     ds = ray.data.from_arrow(pa.Table.from_pylist([{k: r[k] for k in ("prompt_id", "prompt", "source")}
@@ -376,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="0.3 on CPU (DESIGN.md), 0.85 GPU")
     ap.add_argument("--backends", default=None,
-                    help="comma list of raw-vllm,sync,async,stepped,ray-data-llm,hf (default: all but hf; hf with --quick)")
+                    help="comma list of raw-vllm,sync,async,stepped,stepped-ray-niceness,ray-data-llm,hf "
+                         "(default: raw-vllm,sync,async,stepped,ray-data-llm; hf with --quick)")
     ap.add_argument("--contender", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
@@ -399,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             result(run_ray_data_llm(a, prompts))
         elif a.contender == "hf":
             result(run_pipeline(a, prompts, "sync", backend="hf"))
+        elif a.contender == "stepped-ray-niceness":  # the stepped engine as before generate.niceness (0)
+            result(run_pipeline(a, prompts, "stepped", niceness=None))
         else:
             result(run_pipeline(a, prompts, a.contender))
         return 0

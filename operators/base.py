@@ -44,6 +44,12 @@ class Resources:
     # the batch a dead actor held is retried (ActorPoolMapOperator._apply_default_remote_args), so every
     # input row still comes out exactly once. A number caps restarts (a crash loop then fails the run).
     max_restarts: int | None = None
+    # The actor process's niceness, which Ray adds to its raylet's (so no privilege is needed, and a raylet
+    # started under `nice` keeps its offset). None keeps Ray's default for workers, 15: the kernel then gives
+    # the actor's threads a small share against Ray's daemons, the driver and other tasks, all at 0. An actor
+    # whose busy thread sets the run's speed (an inference engine) asks for 0, as Ray's own job supervisor
+    # does (README, Performance: generation).
+    niceness: int | None = None
 
 
 class Operator:
@@ -111,6 +117,10 @@ def map_batches_kwargs(op: type[Operator], resources: Resources, **ctor_kwargs: 
         kwargs["max_task_retries"] = -1 if resources.max_restarts else 0
     if resources.num_gpus:
         kwargs["num_gpus"] = resources.num_gpus
+    if resources.niceness is not None:
+        # Read by the raylet when it starts the actor's worker. Ray merges a task's env_vars with the job's
+        # runtime_env, so a `ray job submit --runtime-env` keeps its working_dir and variables.
+        kwargs["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(resources.niceness)}}
     return kwargs
 
 

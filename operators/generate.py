@@ -75,11 +75,11 @@ class GenerateCfg:
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     max_restarts: int | None = None  # null: Ray Data's default, unlimited actor restarts with batch retries
-    # The niceness of the generator's engine: the actor starts at it (operators.base.Resources.niceness), and
-    # with vLLM its own threads go back to Ray's worker niceness, 15, once the engine's processes have
-    # started (operators.vllm_engines.engine_first). At 0 the engine runs as a user's own script does, and
-    # Ray's processes and the actor's front end no longer preempt it (README, Performance: generation).
-    # null leaves the whole actor at Ray's 15.
+    # vllm only: the niceness of the engine's processes (engine core, model worker). The actor starts at it
+    # (operators.base.Resources.niceness) and its own threads go back to Ray's worker niceness, 15, once the
+    # engine has started (operators.vllm_engines.engine_first). At 0 the engine runs as a user's own script
+    # does, and Ray's processes and the actor's front end no longer outrank it (README, Performance:
+    # generation). null leaves the whole actor at Ray's 15, as the hf backend's always is (not measured there).
     niceness: int | None = 0
     # Draw samples in rounds inside curation and stop a prompt once it cannot make the selection
     # (operators/adaptive.py, pipelines/runtime/rounds.py); num_samples is then the cap per prompt.
@@ -431,4 +431,4 @@ def generator_resources(cfg: GenerateCfg) -> Resources:
         num_gpus = float(cfg.num_gpus_per_worker)
     return Resources(num_cpus=cfg.num_cpus, num_gpus=num_gpus, concurrency=cfg.concurrency,
                      batch_size=cfg.prompts_per_call(), max_concurrency=cfg.calls_in_flight(),
-                     max_restarts=cfg.max_restarts, niceness=cfg.niceness)
+                     max_restarts=cfg.max_restarts, niceness=cfg.niceness if cfg.backend == "vllm" else None)

@@ -402,8 +402,9 @@ def test_an_actor_runs_at_its_niceness_and_keeps_the_jobs_runtime_env(ray_local)
     from operators.base import Resources, map_batches_kwargs
     from pipelines.runtime.ray_start import SETUP_HOOK
 
-    assert generator_resources(GenerateCfg()).niceness == 0
-    assert generator_resources(GenerateCfg(niceness=None)).niceness is None
+    assert generator_resources(GenerateCfg(backend="vllm")).niceness == 0
+    assert generator_resources(GenerateCfg(backend="vllm", niceness=None)).niceness is None
+    assert generator_resources(GenerateCfg(backend="hf")).niceness is None  # its model runs in the actor
     assert "runtime_env" not in map_batches_kwargs(_Niceness, Resources())
     base = os.getpriority(os.PRIO_PROCESS, 0)  # the raylet's, inherited from this driver
     ds = ray_local.data.from_arrow(pa.table({"i": [0, 1]}))

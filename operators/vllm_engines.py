@@ -163,14 +163,24 @@ def engine_first(niceness: int | None) -> int:
             or not os.path.isdir("/proc/self/task"):  # per-thread niceness is Linux's
         return 0
     moved = 0
-    for tid in os.listdir("/proc/self/task"):
+    for tid, now in thread_niceness().items():
         try:
-            now = os.getpriority(os.PRIO_PROCESS, int(tid))
-            os.setpriority(os.PRIO_PROCESS, int(tid), min(19, now + RAY_WORKER_NICENESS - niceness))
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + RAY_WORKER_NICENESS - niceness))
             moved += 1
         except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
             continue
     return moved
+
+
+def thread_niceness() -> dict[int, int]:
+    """{thread id: niceness} of this process's live threads (Linux); a thread that ends meanwhile is left out."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out[int(tid)] = os.getpriority(os.PRIO_PROCESS, int(tid))
+        except ProcessLookupError:
+            continue
+    return out
 
 
 def _llm(cfg: GenerateCfg, seed: int, cuda: bool, dtype: str):

@@ -428,18 +428,12 @@ def test_engine_first_moves_only_an_actor_started_at_its_niceness(monkeypatch):
     assert engine_first(0) == 0  # asked for another value: not our actor
     code = """
 import json, os, threading, time
-from operators.vllm_engines import engine_first
+from operators.vllm_engines import engine_first, thread_niceness
 before = threading.Thread(target=time.sleep, args=(5,), daemon=True); before.start()
 moved = engine_first(3)
 seen = []
 after = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0))); after.start(); after.join()
-nice = set()
-for t in os.listdir("/proc/self/task"):
-    try:
-        nice.add(os.getpriority(os.PRIO_PROCESS, int(t)))
-    except ProcessLookupError:  # a thread that has just ended
-        pass
-nice = sorted(nice)
+nice = sorted(set(thread_niceness().values()))
 print(json.dumps({"moved": moved, "threads": nice, "started_after": seen}))
 """
     base = os.getpriority(os.PRIO_PROCESS, 0)
@@ -591,18 +585,12 @@ class _PriorityProbe(Generator):
     adds = (*Generator.adds, "thread_nice", "engine_nice")
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        import os
-
         import psutil
 
+        from operators.vllm_engines import thread_niceness
+
         out = await super().__call__(batch)
-        threads = set()
-        for t in os.listdir("/proc/self/task"):
-            try:
-                threads.add(os.getpriority(os.PRIO_PROCESS, int(t)))
-            except ProcessLookupError:  # a thread that has just ended
-                continue
-        threads = sorted(threads)
+        threads = sorted(set(thread_niceness().values()))
         engine = sorted({p.nice() for p in psutil.Process().children(recursive=True)})
         return out.append_column("thread_nice", pa.array([threads] * out.num_rows)) \
             .append_column("engine_nice", pa.array([engine] * out.num_rows))

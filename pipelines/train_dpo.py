@@ -299,6 +299,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         fast_forward,
         full_state,
         load_optimizer_state,
+        local_folder,
         write_checkpoint,
     )
     from pipelines.training.losses import Logps
@@ -318,7 +319,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     state: dict[str, Any] | None = None
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(config["policy"]) as src:
+    source = (local_folder(checkpoint, ctx.get_local_rank(), world) if checkpoint  # once per node
+              else contextlib.nullcontext(config["policy"]))
+    with source as src:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
                                                      trust_remote_code=cfg.model.trust_remote_code)
         if checkpoint:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,3 +53,48 @@ def write_checkpoint(folder: str, model: torch.nn.Module, model_state: dict, tok
     torch.save(trainer_state, os.path.join(folder, TRAINER_STATE))
     with open(os.path.join(folder, TRAINER_STATE_JSON), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, sort_keys=True, default=float)
+
+
+@contextlib.contextmanager
+def local_folder(checkpoint: Any, local_rank: int, world: int) -> Iterator[str]:
+    """A Ray Train checkpoint as a local folder that every rank of the worker group reads. A collective when
+    world > 1: every rank must enter, and leave without an error.
+
+    On a local (or shared) filesystem the folder is the checkpoint itself. On an object store each node's
+    local rank 0 downloads it once, into a folder of its own, while the node's other ranks wait; the folder
+    is removed once every rank has left. Not Ray's `Checkpoint.as_directory`: there a rank that asks after
+    the node's first download has finished downloads again into the same folder while the first rank reads
+    it (ray-project/ray#48726), and from_pretrained then meets a model.safetensors being rewritten under it
+    ("header too small").
+    """
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    mine = None
+    if local_rank == 0:
+        mine = tempfile.mkdtemp(prefix="prefsift-checkpoint-")
+        try:
+            checkpoint.to_directory(mine)
+        except BaseException:
+            shutil.rmtree(mine, ignore_errors=True)
+            raise
+    folder = mine
+    if world > 1:
+        import ray
+        import torch.distributed as dist
+
+        node = ray.get_runtime_context().get_node_id()
+        seen: list[Any] = [None] * world
+        dist.all_gather_object(seen, (node, mine))
+        folder = next(path for n, path in seen if n == node and path is not None)
+    try:
+        yield folder
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank of the node has loaded what it needs from the folder
+    finally:
+        if mine is not None:
+            shutil.rmtree(mine, ignore_errors=True)

@@ -309,6 +309,58 @@ def test_training_on_s3_resumes_from_its_checkpoint(s3, s3_trained):
     assert m["train"]["checkpoint"] == second["checkpoint"] and m["stages"]["pairs_ref"]["balanced"]
 
 
+def _read_checkpoint_late(config: dict) -> None:
+    """A worker that opens the checkpoint through local_folder. Rank 1 comes 1 s after rank 0 has downloaded
+    it; rank 0 keeps reading for 1.5 s. Each writes what it saw to <out>/rank<r>.json."""
+    import hashlib
+    import time
+
+    import ray.train
+
+    from pipelines.training.checkpoint import local_folder
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    ckpt = config["checkpoint"]  # one object for both ranks, as ray.train.get_checkpoint() gives them
+    if rank == 1:
+        time.sleep(1.0)
+    with local_folder(ckpt, ctx.get_local_rank(), ctx.get_world_size()) as folder:
+        weights = os.path.join(folder, "weights.bin")
+        before = os.stat(weights)
+        if rank == 0:
+            time.sleep(1.5)
+        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+        after = os.stat(weights)
+    seen = {"folder": folder, "sha256": digest,
+            "unchanged": (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)}
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+@pytest.mark.slow  # a Ray Train fit
+def test_a_checkpoint_on_s3_is_downloaded_once_per_node(s3, tmp_path):
+    """Two ranks on one node read one download of the checkpoint, which nothing rewrites while they read it
+    (Ray's as_directory downloads again for a rank that comes after the first download finished), and the
+    folder is gone afterwards."""
+    import hashlib
+
+    from ray.train import Checkpoint, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    weights = os.urandom(3 << 20)
+    s3.put("late/checkpoint_000001/weights.bin", weights)
+    s3.put("late/checkpoint_000001/config.json", b"{}")
+    TorchTrainer(_read_checkpoint_late,
+                 train_loop_config={"checkpoint": Checkpoint(f"{BUCKET}/late/checkpoint_000001", filesystem=s3.fs),
+                                    "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(name="late", storage_path=str(tmp_path / "ray"))).fit()
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0]["folder"] == seen[1]["folder"]
+    assert [s["sha256"] for s in seen] == [hashlib.sha256(weights).hexdigest()] * 2
+    assert [s["unchanged"] for s in seen] == [True, True]
+    assert not os.path.exists(seen[0]["folder"])
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)

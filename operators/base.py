@@ -50,6 +50,12 @@ class Resources:
     # whose busy thread sets the run's speed (an inference engine) asks for 0, as Ray's own job supervisor
     # does (README, Performance: generation).
     niceness: int | None = None
+    # The operator shuts its own child processes down when Ray Data deletes it, at its actor's graceful exit
+    # (an inference engine's, in its __del__). Ray's kill of an exiting worker's direct children
+    # (RAY_kill_child_processes_on_worker_exit) is then off for the actor: it killed multiprocessing's
+    # resource tracker while vLLM's shared memory was still registered in the actor, whose exit then logged
+    # the tracker's KeyError tracebacks. vLLM's engine processes also end by themselves when their parent does.
+    closes_children: bool = False
 
 
 class Operator:
@@ -117,10 +123,15 @@ def map_batches_kwargs(op: type[Operator], resources: Resources, **ctor_kwargs: 
         kwargs["max_task_retries"] = -1 if resources.max_restarts else 0
     if resources.num_gpus:
         kwargs["num_gpus"] = resources.num_gpus
+    # Read by the raylet when it starts the actor's worker, and by the worker. Ray merges a task's env_vars with
+    # the job's runtime_env, so a `ray job submit --runtime-env` keeps its working_dir and variables.
+    env = {}
     if resources.niceness is not None:
-        # Read by the raylet when it starts the actor's worker. Ray merges a task's env_vars with the job's
-        # runtime_env, so a `ray job submit --runtime-env` keeps its working_dir and variables.
-        kwargs["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(resources.niceness)}}
+        env["RAY_worker_niceness"] = str(resources.niceness)
+    if resources.closes_children:
+        env["RAY_kill_child_processes_on_worker_exit"] = "false"
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
     return kwargs
 
 

@@ -13,6 +13,7 @@ return identical columns and dtypes (`RESPONSES_TYPE`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import threading
@@ -348,6 +349,12 @@ class Generator(Operator):
         if hasattr(self.backend, "close"):
             self.backend.close()
 
+    def __del__(self) -> None:
+        # Ray Data deletes the UDF when its actor exits gracefully (the map worker's __ray_shutdown__), before
+        # Ray kills the actor's child processes: the engine is shut down as vLLM expects, not found dead.
+        with contextlib.suppress(Exception):  # a constructor that failed part way
+            self.close()
+
     async def __call__(self, batch: pa.Table) -> pa.Table:
         """Async, so that Ray Data can run several calls on one actor (`max_concurrent_batches`): with the
         async engine, this call's templating, tokenizing and decoding run in a thread while the engine works
@@ -431,4 +438,5 @@ def generator_resources(cfg: GenerateCfg) -> Resources:
         num_gpus = float(cfg.num_gpus_per_worker)
     return Resources(num_cpus=cfg.num_cpus, num_gpus=num_gpus, concurrency=cfg.concurrency,
                      batch_size=cfg.prompts_per_call(), max_concurrency=cfg.calls_in_flight(),
-                     max_restarts=cfg.max_restarts, niceness=cfg.niceness if cfg.backend == "vllm" else None)
+                     max_restarts=cfg.max_restarts, niceness=cfg.niceness if cfg.backend == "vllm" else None,
+                     closes_children=cfg.backend == "vllm")

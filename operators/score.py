@@ -25,6 +25,7 @@ on; cutting the end instead would score an arbitrary point mid-response.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import threading
 from dataclasses import dataclass, field
@@ -357,9 +358,15 @@ class RewardScorer(Operator):
             if hasattr(m.model, "close"):
                 m.model.close()
 
+    def __del__(self) -> None:
+        # As the generator's: Ray Data deletes the UDF at its actor's graceful exit; a vLLM engine is shut down.
+        with contextlib.suppress(Exception):  # a constructor that failed part way
+            self.close()
+
 
 def scorer_resources(cfg: ScoreCfg) -> Resources:
+    # auto resolves alike on CPU and GPU while vLLM is installed (resolve_backend), so the driver can tell.
     return Resources(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency,
                      batch_size=cfg.batch_size, max_concurrency=cfg.max_concurrent_batches,
-                     max_restarts=cfg.max_restarts)
+                     max_restarts=cfg.max_restarts, closes_children=resolve_backend(cfg, cuda=False) == "vllm")
 

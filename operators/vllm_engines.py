@@ -37,10 +37,12 @@ the front end, Ray's daemons and the driver yield to it (README, Performance: ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import itertools
 import math
 import os
+import sys
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Literal
@@ -57,12 +59,45 @@ INSTALL_HINT = (
 )
 
 
+# What the engines use of vLLM's top level, which vLLM imports lazily on first access.
+_VLLM_NAMES = ("LLM", "AsyncLLMEngine", "AsyncEngineArgs", "SamplingParams", "PoolingParams")
+
+
 def _import_vllm():
-    try:
-        import vllm
-    except ImportError as e:
-        raise ImportError(INSTALL_HINT) from e
-    return vllm
+    """vLLM, with the names the engines use already imported, the first time in a thread of its own.
+
+    Some vLLM modules keep an import-time exception in a global (vllm.multimodal.media.audio keeps
+    torchcodec's ImportError). Its traceback holds the importing frames and, through each frame's f_back,
+    every caller up the stack. Imported from an operator's constructor, that pinned the operator (the
+    constructor's `self`) for the life of the process: when its actor exited, Ray Data's deletion of the UDF
+    did not free it, so its `__del__` never closed the engine, and the engine's processes were killed at
+    exit instead (vLLM's "engine core exited unexpectedly", the resource tracker's KeyErrors). A thread's
+    stack holds no operator.
+    """
+    loaded = sys.modules.get("vllm")
+    if loaded is not None and all(n in vars(loaded) for n in _VLLM_NAMES):
+        return loaded
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            import vllm
+            import vllm.inputs
+            import vllm.usage.usage_lib  # noqa: F401
+
+            for name in _VLLM_NAMES:
+                getattr(vllm, name)
+        except BaseException as e:  # re-raised in the caller's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=load, name="prefsift-import-vllm")
+    thread.start()
+    thread.join()
+    if failed:
+        if isinstance(failed[0], ImportError):
+            raise ImportError(INSTALL_HINT) from failed[0]
+        raise failed[0]
+    return sys.modules["vllm"]
 
 
 def vllm_is_cpu_build() -> bool:
@@ -260,6 +295,13 @@ class AsyncEngine:
         if engine is None:
             return
         loop = self._loop
+        if loop is not None and loop.is_running() and not _on_loop(loop):
+            # Ray Data's actor: its event loop runs in another thread. AsyncLLM.shutdown stops the engine core
+            # before it cancels its output handler, which meanwhile finds the core gone and logs an
+            # EngineDeadError; cancelled first, on its own loop, it ends quietly.
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_cancel(getattr(engine, "output_handler", None)),
+                                                 loop).result(timeout=10)
         if loop is None or loop.is_running() or loop.is_closed():
             engine.shutdown()
             return
@@ -346,6 +388,20 @@ class SteppedEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
         _shutdown_llm(self.llm)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:  # no loop runs in this thread
+        return False
+
+
+async def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 def _resolve(fut: asyncio.Future, value: tuple[list[int], str]) -> None:

@@ -7,6 +7,7 @@ import copy
 import gc
 import json
 import math
+import os
 import shutil
 import sys
 import weakref
@@ -542,6 +543,45 @@ def test_vllm_backend_matches_the_hf_contract(tiny_models, hf_gen, engine_kind, 
     hf_greedy = _run(Generator(replace(hf_gen.cfg, temperature=0.0), seed=0), batch.slice(0, 1))
     cols = ["text", "num_tokens", "finish_reason", "seed"]
     assert [{c: s[c] for c in cols} for s in _samples(greedy)] == [{c: s[c] for c in cols} for s in _samples(hf_greedy)]
+
+
+_FREED = """
+import gc, json, sys, weakref
+import psutil
+from operators.generate import Generator, GenerateCfg
+def main():
+    cfg = GenerateCfg(model=sys.argv[1], backend="vllm", engine="stepped", dtype="float32", max_model_len=256,
+                      gpu_memory_utilization=0.3, kv_cache_gib=1 / 16)
+    gen = Generator(cfg, seed=0)
+    engine = [p for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+    ref = weakref.ref(gen)
+    gc.disable()
+    del gen
+    freed = ref() is None
+    _, alive = psutil.wait_procs(engine, timeout=60)
+    print("seen:", json.dumps({"engine_processes": len(engine), "freed": freed, "alive": len(alive)}), flush=True)
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.slow
+def test_a_deleted_vllm_generator_is_freed_and_stops_its_engine(tiny_models, tmp_path):
+    """Ray Data deletes the operator when its actor exits gracefully, before Ray's exit would kill the actor's
+    children. The generator must then be freed at once (no frame of vLLM's first import, kept by a traceback
+    vLLM stores, holds its constructor's `self`) and stop its engine's processes. In a fresh interpreter, so
+    that this test's generator is the one that imports vLLM."""
+    import subprocess
+
+    pytest.importorskip("vllm", reason="the vllm extra is not installed")
+    script = tmp_path / "freed.py"
+    script.write_text(_FREED)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.run([sys.executable, str(script), tiny_models["policy"]], env=env, capture_output=True,
+                         text=True, check=False, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(next(line[6:] for line in run.stdout.splitlines() if line.startswith("seen: ")))
+    assert seen["engine_processes"] >= 1 and seen == {**seen, "freed": True, "alive": 0}
 
 
 @pytest.mark.slow

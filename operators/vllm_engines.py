@@ -64,7 +64,8 @@ _VLLM_NAMES = ("LLM", "AsyncLLMEngine", "AsyncEngineArgs", "SamplingParams", "Po
 
 
 def _import_vllm():
-    """vLLM, with the names the engines use already imported, the first time in a thread of its own.
+    """vLLM, with the names the engines use already imported, in a thread of its own (once imported, a
+    thread that finds every module in sys.modules).
 
     Some vLLM modules keep an import-time exception in a global (vllm.multimodal.media.audio keeps
     torchcodec's ImportError). Its traceback holds the importing frames and, through each frame's f_back,
@@ -74,9 +75,6 @@ def _import_vllm():
     exit instead (vLLM's "engine core exited unexpectedly", the resource tracker's KeyErrors). A thread's
     stack holds no operator.
     """
-    loaded = sys.modules.get("vllm")
-    if loaded is not None and all(n in vars(loaded) for n in _VLLM_NAMES):
-        return loaded
     failed: list[BaseException] = []
 
     def load() -> None:

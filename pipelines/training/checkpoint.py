@@ -83,18 +83,15 @@ def local_folder(checkpoint: Any, local_rank: int, world: int) -> Iterator[str]:
     folder = mine
     if world > 1:
         import ray
-        import torch.distributed as dist
 
         node = ray.get_runtime_context().get_node_id()
         seen: list[Any] = [None] * world
-        dist.all_gather_object(seen, (node, mine))
+        torch.distributed.all_gather_object(seen, (node, mine))
         folder = next(path for n, path in seen if n == node and path is not None)
     try:
         yield folder
         if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # every rank of the node has loaded what it needs from the folder
+            torch.distributed.barrier()  # every rank of the node has loaded what it needs from the folder
     finally:
         if mine is not None:
             shutil.rmtree(mine, ignore_errors=True)

@@ -54,7 +54,8 @@ class Resources:
     # (an inference engine's, in its __del__). Ray's kill of an exiting worker's direct children
     # (RAY_kill_child_processes_on_worker_exit) is then off for the actor: it killed multiprocessing's
     # resource tracker while vLLM's shared memory was still registered in the actor, whose exit then logged
-    # the tracker's KeyError tracebacks. vLLM's engine processes also end by themselves when their parent does.
+    # the tracker's KeyError tracebacks. An engine that is never closed (the actor ended otherwise) is ended by
+    # its reaper (operators.vllm_engines.reaped): vLLM's engine core does not watch its parent.
     closes_children: bool = False
 
 

@@ -216,10 +216,118 @@ def thread_niceness() -> dict[int, int]:
     return out
 
 
+# The reaper: how often it looks for its owner, and how long an engine process gets to end on SIGTERM.
+REAPER_POLL_S = 0.5
+REAPER_GRACE_S = 5.0
+REAPER_MARK = "prefsift-reaper"  # in its command line, to tell it from the engine's processes
+
+# Run as `python -c REAPER_SCRIPT prefsift-reaper OWNER_PID POLL_S GRACE_S`; its stdin takes "pid create_time"
+# lines, one per process to end once the owner is gone. Only the standard library and psutil (a vLLM
+# dependency), and nothing of the owner's: it must start in well under a second.
+REAPER_SCRIPT = """
+import sys, threading, time
+import psutil
+try:
+    import setproctitle  # a vLLM dependency too; `ps` then shows a name, not this script
+    setproctitle.setproctitle("prefsift-reaper " + sys.argv[2])
+except ImportError:
+    pass
+owner, poll, grace = psutil.Process(int(sys.argv[2])), float(sys.argv[3]), float(sys.argv[4])
+procs = []
+def read():
+    for line in sys.stdin:
+        pid, created = line.split()
+        try:
+            p = psutil.Process(int(pid))
+        except psutil.NoSuchProcess:
+            continue
+        if abs(p.create_time() - float(created)) < 0.01:  # not a new process under a reused pid
+            procs.append(p)
+threading.Thread(target=read, daemon=True).start()
+while True:
+    try:
+        if owner.status() == psutil.STATUS_ZOMBIE:
+            break
+    except psutil.NoSuchProcess:
+        break
+    time.sleep(poll)
+live = [p for p in list(procs) if p.is_running()]
+for p in live:
+    try:
+        p.terminate()
+    except psutil.NoSuchProcess:
+        pass
+_, live = psutil.wait_procs(live, timeout=grace)
+for p in live:
+    try:
+        p.kill()
+    except psutil.NoSuchProcess:
+        pass
+"""
+
+_reaper: Any = None  # this process's reaper (a subprocess.Popen), started with its first engine
+_reaper_owner = 0  # the pid it watches: a forked child starts its own
+_reaper_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def reaped():
+    """The processes started inside (an engine core and its workers) end if this process dies first.
+
+    vLLM's engine core does not watch its parent, and Ray does not kill the children of an actor that
+    closes its engines itself (`Resources.closes_children`). So an actor that ended without closing an
+    engine (Ray shut down under a live dataset, a crash, an out-of-memory kill) left that engine's core and
+    workers running, holding their memory (on a GPU, the card's) until someone killed them by hand. Each
+    process that starts an engine therefore also starts one small reaper process, which polls for this
+    process (`REAPER_POLL_S`) and, once it is gone, sends the processes handed to it SIGTERM and, after
+    `REAPER_GRACE_S`, SIGKILL. An engine closed as usual has ended by then, and the reaper ends with nothing
+    to do. multiprocessing's resource tracker is left alone: it ends by itself and removes what shared
+    memory is left.
+    """
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    started = []
+    for p in me.children(recursive=True):
+        if p.pid in before:
+            continue
+        with contextlib.suppress(psutil.Error):
+            command = " ".join(p.cmdline())
+            if "resource_tracker" not in command and REAPER_MARK not in command:
+                started.append((p.pid, p.create_time()))
+    if started:
+        with _reaper_lock:
+            reaper = _running_reaper()
+            try:
+                reaper.stdin.write("".join(f"{pid} {created}\n" for pid, created in started))
+                reaper.stdin.flush()
+            except OSError as e:  # the reaper died meanwhile: the engine runs, unguarded, and the log says so
+                print(f"prefsift: the engine reaper could not take processes {[pid for pid, _ in started]}: {e}",
+                      file=sys.stderr)
+
+
+def _running_reaper():
+    """This process's reaper, started on first use (and again if it died); the caller holds _reaper_lock."""
+    global _reaper, _reaper_owner
+    import subprocess
+
+    if _reaper is None or _reaper_owner != os.getpid() or _reaper.poll() is not None:
+        _reaper = subprocess.Popen(
+            [sys.executable, "-c", REAPER_SCRIPT, REAPER_MARK, str(os.getpid()), str(REAPER_POLL_S),
+             str(REAPER_GRACE_S)],
+            # Its own session: a signal to this process's group (Ctrl-C) leaves it to do its work.
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+        _reaper_owner = os.getpid()
+    return _reaper
+
+
 def _llm(cfg: GenerateCfg, seed: int, cuda: bool, dtype: str):
     """(the vllm module, a synchronous `LLM`): what the sync and stepped engines both hold."""
     vllm = _import_vllm()
-    llm = vllm.LLM(**engine_kwargs(cfg, seed, cuda, dtype))
+    with reaped():
+        llm = vllm.LLM(**engine_kwargs(cfg, seed, cuda, dtype))
     engine_first(cfg.niceness)
     return vllm, llm
 
@@ -255,7 +363,8 @@ class AsyncEngine:
         args = vllm.AsyncEngineArgs(**engine_kwargs(cfg, seed, cuda, dtype))
         # The offline (LLM class) defaults, as the synchronous engine gets: on CPU 256 sequences and 4096
         # tokens a step rather than the API server's 128 and 2048.
-        self.engine = vllm.AsyncLLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        with reaped():
+            self.engine = vllm.AsyncLLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
         engine_first(cfg.niceness)
         sched = self.engine.vllm_config.scheduler_config
         self.max_pending = requests_in_flight(cfg, sched.max_num_seqs)
@@ -426,11 +535,13 @@ class PoolingEngine:
     def __init__(self, path: str, dtype: str, max_length: int, gpu_memory_utilization: float, cuda: bool,
                  trust_remote_code: bool, kv_cache_gib: float | None = None):
         self._vllm = vllm = _import_vllm()
-        self.llm = vllm.LLM(path, runner="pooling", dtype=dtype, enforce_eager=not cuda, max_model_len=max_length,
-                            gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
-                            **kv_cache_kwargs(kv_cache_gib, "score.kv_cache_gib"),
-                            # Texts arrive tokenized and truncated; the same whole-prompt prefill as generation.
-                            **({} if cuda else {"enable_chunked_prefill": False}))
+        with reaped():
+            self.llm = vllm.LLM(path, runner="pooling", dtype=dtype, enforce_eager=not cuda,
+                                max_model_len=max_length, gpu_memory_utilization=gpu_memory_utilization,
+                                trust_remote_code=trust_remote_code,
+                                **kv_cache_kwargs(kv_cache_gib, "score.kv_cache_gib"),
+                                # Texts arrive tokenized and truncated; the same whole-prompt prefill as generation.
+                                **({} if cuda else {"enable_chunked_prefill": False}))
 
     def classify(self, encoded: list[list[int]]):
         import numpy as np

@@ -553,7 +553,8 @@ def main():
     cfg = GenerateCfg(model=sys.argv[1], backend="vllm", engine="stepped", dtype="float32", max_model_len=256,
                       gpu_memory_utilization=0.3, kv_cache_gib=1 / 16)
     gen = Generator(cfg, seed=0)
-    engine = [p for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+    engine = [p for p in psutil.Process().children(recursive=True)
+              if not any(m in " ".join(p.cmdline()) for m in ("resource_tracker", "prefsift-reaper"))]
     ref = weakref.ref(gen)
     gc.disable()
     del gen

@@ -3,6 +3,11 @@ lands in the right response struct of the right prompt row."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -283,3 +288,63 @@ def test_vllm_pooling_backend_gives_raw_logits(tiny_models):
         got = _col(out, "overall") if name == "reward" else \
             np.stack([_col(out, "scores", "helpfulness"), _col(out, "scores", "correctness")], axis=1)
         np.testing.assert_allclose(got, expected[:, 0] if name == "reward" else expected, atol=1e-4, rtol=0)
+
+
+_SHUT_DOWN = """
+import json, sys
+import psutil
+import ray
+from operators.base import apply
+from operators.score import RewardModelCfg, RewardScorer, ScoreCfg, scorer_resources
+from pipelines.runtime.ray_start import init_ray
+scalar, multi = sys.argv[1:3]
+cfg = ScoreCfg(backend="vllm", models=[RewardModelCfg(scalar, aspects=["harmlessness"]), RewardModelCfg(multi)],
+               num_cpus=0.5, batch_size=2, max_length=256, kv_cache_gib=1 / 64)
+init_ray(num_cpus=2, object_store_gb=0.5, progress=False)
+rows = [{"prompt_id": f"p{i}", "prompt": f"Say {i}", "responses": [{"text": "hi", "sample_idx": 0}]} for i in range(8)]
+ds = apply(ray.data.from_items(rows), RewardScorer, scorer_resources(cfg), cfg=cfg)
+scored = len(ds.take_all())
+kids = psutil.Process().children(recursive=True)
+engine = [(p.pid, p.create_time()) for p in kids if p.name().startswith("VLLM::")]
+reapers = [p.pid for p in kids if "prefsift-reaper" in " ".join(p.cmdline())]
+ray.shutdown()  # the dataset, and so its actor with both engines, still alive
+print("seen:", json.dumps({"scored": scored, "engine": engine, "reapers": reapers}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ray_shut_down_under_a_live_vllm_scorer_leaves_no_engine_process(tiny_models, tmp_path):
+    """A driver that shuts its Ray down while a dataset still holds the scorer's actor (an error that ends
+    the script, or ray.shutdown() in a notebook). Before the reaper, one of the two engines' core and worker
+    ran on as orphans, holding their memory (on a GPU, the card's): vLLM's engine core does not watch its
+    parent, and Ray does not kill the children of an actor that closes its engines itself
+    (Resources.closes_children). Each engine process must be gone within the reaper's poll and grace."""
+    import subprocess
+    import time
+
+    import psutil
+
+    pytest.importorskip("vllm", reason="the vllm extra is not installed")
+    script = tmp_path / "shut_down.py"
+    script.write_text(_SHUT_DOWN)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.run([sys.executable, str(script), tiny_models["reward"], tiny_models["reward_multi"]], env=env,
+                         capture_output=True, text=True, check=False, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(next(line[6:] for line in run.stdout.splitlines() if line.startswith("seen: ")))
+    assert seen["scored"] == 8 and len(seen["engine"]) >= 2 and len(seen["reapers"]) == 1
+
+    def alive(pid: int, created: float) -> bool:
+        try:
+            p = psutil.Process(pid)
+            return abs(p.create_time() - created) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(alive(*p) for p in seen["engine"]):
+        time.sleep(0.5)
+    left = [p for p in seen["engine"] if alive(*p)]
+    for pid, _ in left:  # not left running under the rest of the suite
+        psutil.Process(pid).kill()
+    assert left == []

@@ -8,6 +8,7 @@ stage runner writes them to `quarantine/` and counts them in the manifest.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -70,6 +71,15 @@ class Operator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the constructor started (an inference engine's processes); nothing by default."""
+
+    def __del__(self) -> None:
+        # Ray Data deletes the UDF when its actor exits gracefully (the map worker's __ray_shutdown__), before
+        # the actor exits: an engine is shut down as it expects, not found dead (Resources.closes_children).
+        with contextlib.suppress(Exception):  # a constructor that failed part way
+            self.close()
 
 
 def check_columns(op: type[Operator], columns: list[str] | tuple[str, ...], where: str = "input") -> None:

@@ -13,7 +13,6 @@ return identical columns and dtypes (`RESPONSES_TYPE`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import inspect
 import threading
@@ -348,12 +347,6 @@ class Generator(Operator):
         """Stop a vLLM engine's subprocess now rather than at interpreter exit (tests run several engines)."""
         if hasattr(self.backend, "close"):
             self.backend.close()
-
-    def __del__(self) -> None:
-        # Ray Data deletes the UDF when its actor exits gracefully (the map worker's __ray_shutdown__), before
-        # Ray kills the actor's child processes: the engine is shut down as vLLM expects, not found dead.
-        with contextlib.suppress(Exception):  # a constructor that failed part way
-            self.close()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         """Async, so that Ray Data can run several calls on one actor (`max_concurrent_batches`): with the

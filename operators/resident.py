@@ -59,8 +59,7 @@ class _Host:
         return os.getpid(), self.calls
 
     def close(self) -> None:
-        if hasattr(self.op, "close"):
-            self.op.close()
+        self.op.close()
 
 
 class Forward(Operator):

@@ -25,7 +25,6 @@ on; cutting the end instead would score an arbitrary point mid-response.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import threading
 from dataclasses import dataclass, field
@@ -357,11 +356,6 @@ class RewardScorer(Operator):
         for m in self.models:
             if hasattr(m.model, "close"):
                 m.model.close()
-
-    def __del__(self) -> None:
-        # As the generator's: Ray Data deletes the UDF at its actor's graceful exit; a vLLM engine is shut down.
-        with contextlib.suppress(Exception):  # a constructor that failed part way
-            self.close()
 
 
 def scorer_resources(cfg: ScoreCfg) -> Resources:

@@ -7,7 +7,9 @@ the same micro-batch size and raw vLLM pooling (`LLM.classify`, every text in on
 
 Inputs: the 600 real responses (300 prompts x 2) of the shipped UltraFeedback sample
 (pipelines/data/ultrafeedback_binarized_sample_300.jsonl.gz), 1 to ~5,500 characters long, cycled to
-`--responses` responses in file order (copy c of a prompt gets prompt_id `<id>-c<c>`). The pipeline reads
+`--responses` responses in file order (copy c of a prompt gets prompt_id `<id>-c<c>`; for c > 0 its
+prompt starts with "[c] " and its responses end with c words " ok", so that, as in a deduplicated run, no
+text repeats another's start and vLLM's prefix cache cannot score a repeated text for free). The pipeline reads
 them as scored curation does: one row per prompt with its `responses` list.
 
 Both sides read the same text: the reward tokenizer's chat template over [user prompt, assistant response],
@@ -70,8 +72,14 @@ def load_responses(n: int) -> pa.Table:
     with gzip.open(RESPONSES_FILE, "rt", encoding="utf-8") as f:
         base = [(row["prompt_id"], j, row["prompt"], r["text"])
                 for row in map(json.loads, f) for j, r in enumerate(row["responses"])]
-    rows = [(f"{pid}-c{i // len(base)}", j, p, r)
-            for i, (pid, j, p, r) in enumerate(itertools.islice(itertools.cycle(base), n))]
+    # Copy c > 0 starts its prompt with "[c] " and ends its response with c words " ok", so that no text the
+    # reward model reads repeats an earlier one's start: vLLM's prefix cache (on by default for last-token
+    # pooling) would otherwise score a repeated text almost for free, which no deduplicated production run
+    # sees. The prompt's mark changes a short text's first tokens; a text cut to its last --max-length
+    # tokens starts c tokens later than copy 0's. A prompt's responses still share their prompt's tokens.
+    rows = [(f"{pid}-c{c}", j, f"[{c}] {p}" if c else p, r + " ok" * c)
+            for i, (pid, j, p, r) in enumerate(itertools.islice(itertools.cycle(base), n))
+            for c in [i // len(base)]]
     cols = list(zip(*rows, strict=True))
     return pa.table({"prompt_id": list(cols[0]), "sample_idx": pa.array(cols[1], pa.int64()),
                      "prompt": list(cols[2]), "response": list(cols[3])})
@@ -220,10 +228,12 @@ def _scorer_class(log: str) -> type:
             _append(log, {"kind": "env", "torch_threads": torch.get_num_threads(),
                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
 
-        def __call__(self, batch):
-            c0 = time.process_time()  # this actor process, all its threads
-            out = super().__call__(batch)
-            _append(log, {"kind": "cpu", "cpu_s": time.process_time() - c0})
+        async def __call__(self, batch):
+            # This actor process's CPU time (all its threads) at each call's start and end: calls overlap,
+            # so the scoring CPU is the last end's minus the first start's, not a sum over calls.
+            _append(log, {"kind": "cpu", "at": "start", "process_s": time.process_time()})
+            out = await super().__call__(batch)
+            _append(log, {"kind": "cpu", "at": "end", "process_s": time.process_time()})
             return out
 
     return BenchScorer
@@ -259,7 +269,8 @@ def run_pipeline(a: argparse.Namespace, backend: str) -> dict:
     seconds = w1 - tm["init_end"]
     return {"seconds": seconds, "wall_s": w1 - w0, "startup_s": tm["init_end"] - w0, "engine_init_s": tm["init_s"],
             "steady_s": tm["span_s"], "batches": tm["batches"], "rows": scored.num_rows,
-            "cpu_s": sum(r["cpu_s"] for r in recs if r["kind"] == "cpu"),
+            "cpu_s": max(r["process_s"] for r in recs if r["kind"] == "cpu") -
+                     min(r["process_s"] for r in recs if r["kind"] == "cpu"),
             "rows_s": scored.num_rows / seconds,
             "steady_rows_s": scored.num_rows / tm["span_s"] if tm["span_s"] else None,
             "torch_threads": env.get("torch_threads"), "ray_init_s": init_s}

@@ -25,6 +25,7 @@ on; cutting the end instead would score an arbitrary point mid-response.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import threading
 from dataclasses import dataclass, field
@@ -63,8 +64,9 @@ class ScoreCfg:
     max_length: int = 1024
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     concurrency: int = 1
-    # map_batches calls in flight per actor: the next call's texts are templated and tokenized in one thread
-    # while the model scores the current call's in another (the model itself runs one call at a time).
+    # map_batches calls in flight per actor (RewardScorer.__call__ is async, so this holds within one input
+    # block too): the next call's texts are templated and tokenized in one thread while the models score the
+    # current call's in another (the models themselves run one call at a time).
     max_concurrent_batches: int = 2
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -139,14 +141,21 @@ class _Model:
     pad_id: int
     num_labels: int
 
-    def encode(self, conv: list[dict[str, str]], prompt: str, response: str, max_length: int) -> list[int]:
+    def encode_many(self, convs: list[list[dict[str, str]]], prompts: list[str], responses: list[str],
+                    max_length: int) -> list[list[int]]:
+        """Each response's token ids, templated and tokenized as one batch (one call into the fast
+        tokenizer, not one per text)."""
+        if not responses:
+            return []
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(conv + [{"role": "assistant", "content": response}], tokenize=False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own specials
+            texts = tok.apply_chat_template([c + [{"role": "assistant", "content": r}]
+                                             for c, r in zip(convs, responses, strict=True)], tokenize=False)
+            ids = tok(texts, add_special_tokens=False)["input_ids"]  # the template writes its own specials
         else:
-            ids = tok(prompt + "\n" + response, add_special_tokens=True)["input_ids"]
-        return truncate_keep_end(list(ids), max_length, tok.bos_token_id)
+            ids = tok([p + "\n" + r for p, r in zip(prompts, responses, strict=True)],
+                      add_special_tokens=True)["input_ids"]
+        return [truncate_keep_end(list(x), max_length, tok.bos_token_id) for x in ids]
 
     def score(self, encoded: list[list[int]], micro_batch_size: int) -> np.ndarray:
         """(rows, outputs) float64, in input order. Right padding: positions stay 0..L-1 as in an unpadded
@@ -309,11 +318,35 @@ class RewardScorer(Operator):
         self.aspects = combine_aspects([m.aspects for m in self.models], [m.path for m in self.models],
                                        cfg.overall)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        """Async, so that Ray Data runs `max_concurrent_batches` calls at once on this actor even when they
+        come from one input block: a task carries every batch of its block, and a synchronous operator's
+        batches of one task run one after another (Ray Data overlaps only an async operator's). One call's
+        templating and tokenizing then run in a thread while another call's texts are in the models, and
+        the models never wait for the tokenizer between calls."""
+        todo, encoded = await asyncio.to_thread(self.encode, batch)
+        values = await asyncio.to_thread(self.run_models, encoded)
+        return await asyncio.to_thread(self.assemble, batch, todo, values)
+
+    def encode(self, batch: pa.Table) -> tuple[ToScore, list[list[list[int]]]]:
+        """The batch's responses to score, and each model's token ids for them (one list per model)."""
         b = to_score(batch)
+        with self._tokenizers_busy:
+            encoded = [m.encode_many([b.convs[b.rows[f]] for f in b.todo],
+                                     [b.prompt_text[b.rows[f]] for f in b.todo],
+                                     [b.texts[f] for f in b.todo], self.cfg.max_length) for m in self.models]
+        return b, encoded
+
+    def run_models(self, encoded: list[list[list[int]]]) -> np.ndarray:
+        """(responses, outputs of every model side by side) float64: a scalar model gives column 0."""
+        if not encoded[0]:
+            return np.empty((0, sum(m.num_labels for m in self.models)))
+        with self._models_busy:
+            cols = [m.score(enc, self.cfg.micro_batch_size) for m, enc in zip(self.models, encoded, strict=True)]
+        return np.concatenate(cols, axis=1)
+
+    def assemble(self, batch: pa.Table, b: ToScore, values: np.ndarray) -> pa.Table:
         flat, names, texts, problems, todo = b.flat, b.names, b.texts, b.problems, b.todo
-        values = self.score_texts([b.convs[b.rows[f]] for f in todo], [b.prompt_text[b.rows[f]] for f in todo],
-                                  [texts[f] for f in todo])
         m = len(texts)
         all_values = np.full((m, values.shape[1]), np.nan)
         all_values[todo] = values
@@ -338,19 +371,6 @@ class RewardScorer(Operator):
         out = batch.set_column(batch.column_names.index("responses"), "responses",
                                nest_responses(b.responses, new_flat, b.offsets))
         return with_quarantine(out, b.row_reasons)
-
-    def score_texts(self, convs: list[list[dict[str, str]]], prompt_text: list[str],
-                    texts: list[str]) -> np.ndarray:
-        """(responses, outputs of every model side by side) float64: a scalar model gives column 0."""
-        width = sum(m.num_labels for m in self.models)
-        if not texts:
-            return np.empty((0, width))
-        with self._tokenizers_busy:
-            encoded = [[m.encode(conv, p, t, self.cfg.max_length)
-                        for conv, p, t in zip(convs, prompt_text, texts, strict=True)] for m in self.models]
-        with self._models_busy:
-            cols = [m.score(enc, self.cfg.micro_batch_size) for m, enc in zip(self.models, encoded, strict=True)]
-        return np.concatenate(cols, axis=1)
 
     def close(self) -> None:
         for m in self.models:

@@ -3,9 +3,11 @@ lands in the right response struct of the right prompt row."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,11 @@ def _batch(texts=None, **extra) -> pa.Table:
     responses = [[{"text": t, "sample_idx": j} for j, t in enumerate(row)] for row in texts]
     return pa.table({"prompt_id": [f"p{i}" for i in range(len(PROMPTS))], "prompt": PROMPTS,
                      "responses": responses, **extra})
+
+
+def _score(scorer: RewardScorer, batch: pa.Table) -> pa.Table:
+    """One call, as Ray Data makes it: the scorer's __call__ is a coroutine."""
+    return asyncio.run(scorer(batch))
 
 
 def _flat(table: pa.Table, field: str, sub: str | None = None) -> list:
@@ -145,7 +152,7 @@ def test_flatten_and_nest_responses_keep_rows_and_nulls():
 
 def test_scalar_model_equals_unbatched_forward(tiny_models):
     cfg = ScoreCfg(backend="hf", models=[RewardModelCfg(tiny_models["reward"])], micro_batch_size=2)
-    out = RewardScorer(cfg)(_batch())
+    out = _score(RewardScorer(cfg), _batch())
     assert out.column("prompt_id").to_pylist() == [f"p{i}" for i in range(len(PROMPTS))]  # order kept
     struct = out.schema.field("responses").type.value_type
     assert [f.name for f in struct] == ["text", "sample_idx", "overall", "len", "problem"]  # no `scores`
@@ -160,7 +167,7 @@ def test_scalar_model_equals_unbatched_forward(tiny_models):
 
 def test_multi_head_model_names_aspects_from_id2label(tiny_models):
     cfg = ScoreCfg(backend="hf", models=[RewardModelCfg(tiny_models["reward_multi"])], micro_batch_size=4)
-    out = RewardScorer(cfg)(_batch())
+    out = _score(RewardScorer(cfg), _batch())
     expected = _direct(tiny_models["reward_multi"], _convs())
     np.testing.assert_allclose(_col(out, "scores", "helpfulness"), expected[:, 0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(_col(out, "scores", "correctness"), expected[:, 1], atol=1e-5, rtol=0)
@@ -170,7 +177,8 @@ def test_multi_head_model_names_aspects_from_id2label(tiny_models):
 def test_single_aspect_models_combine(tiny_models):
     models = [RewardModelCfg(tiny_models["reward_helpfulness"], aspects=["helpfulness"]),
               RewardModelCfg(tiny_models["reward_correctness"], aspects=["correctness"])]
-    out = RewardScorer(ScoreCfg(backend="hf", models=models, overall="correctness", micro_batch_size=3))(_batch())
+    out = _score(RewardScorer(ScoreCfg(backend="hf", models=models, overall="correctness", micro_batch_size=3)),
+                 _batch())
     help_ = _direct(tiny_models["reward_helpfulness"], _convs())[:, 0]
     corr = _direct(tiny_models["reward_correctness"], _convs())[:, 0]
     np.testing.assert_allclose(_col(out, "scores", "helpfulness"), help_, atol=1e-5, rtol=0)
@@ -183,8 +191,8 @@ def test_messages_missing_response_and_truncation(tiny_models):
     msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}] for p in PROMPTS]
     texts = [[_text(i, j) for j in range(K)] for i in range(len(PROMPTS))]
     texts[1][0] = None
-    out = RewardScorer(ScoreCfg(backend="hf", models=[RewardModelCfg(path)], max_length=24, micro_batch_size=2))(
-        _batch(texts, messages=msgs))
+    out = _score(RewardScorer(ScoreCfg(backend="hf", models=[RewardModelCfg(path)], max_length=24,
+                                       micro_batch_size=2)), _batch(texts, messages=msgs))
     rows = out.to_pylist()
     # A missing response is a problem of that response alone; its prompt row and sibling stay good.
     assert rows[1][QUARANTINE] is None
@@ -213,7 +221,7 @@ def test_missing_prompt_quarantines_the_row_and_upstream_reasons_pass(tiny_model
     batch = batch.set_column(2, "responses", pa.array([*batch.column("responses").to_pylist()[:2], None,
                                                        *batch.column("responses").to_pylist()[3:]],
                                                       batch.schema.field("responses").type))
-    rows = scorer(batch).to_pylist()
+    rows = _score(scorer, batch).to_pylist()
     assert [r[QUARANTINE] for r in rows] == ["missing_prompt", "prompt_too_long", "no_responses",
                                             *[None] * (len(PROMPTS) - 3)]
     assert all(s["overall"] is None and s["problem"] is None for r in rows[:2] for s in r["responses"])
@@ -228,7 +236,7 @@ def test_non_finite_reward_is_quarantined(tiny_models, tmp_path):
         model.score.weight[0, :4] = float("nan")
     model.save_pretrained(tmp_path / "nan_rm")
     AutoTokenizer.from_pretrained(tiny_models["reward"]).save_pretrained(tmp_path / "nan_rm")
-    out = RewardScorer(ScoreCfg(backend="hf", models=[RewardModelCfg(str(tmp_path / "nan_rm"))]))(_batch())
+    out = _score(RewardScorer(ScoreCfg(backend="hf", models=[RewardModelCfg(str(tmp_path / "nan_rm"))])), _batch())
     assert _flat(out, "problem") == ["non_finite_reward"] * len(PROMPTS) * K
     assert out.column(QUARANTINE).null_count == len(PROMPTS)  # per response, not per prompt
 
@@ -257,6 +265,46 @@ def test_scorer_through_ray_data(ray_local, tiny_models):
             assert abs(resp["overall"] - expected[i, j].mean()) < 1e-5
 
 
+def test_calls_from_one_input_block_overlap(ray_local, tiny_models, tmp_path):
+    """A Ray Data task carries every batch of its input block, and runs a synchronous UDF's batches one after
+    another: the scorer's "tokenize the next call while the models score this one" held only across blocks.
+    With one block of 3 batches, the first call's models wait (up to 30 s) until a second call has
+    templated and tokenized its texts; a scorer whose calls ran in turn would never see it."""
+    log = tmp_path / "overlap.json"
+
+    class FirstCallWaits(RewardScorer):
+        def __init__(self, cfg: ScoreCfg):
+            super().__init__(cfg)
+            self.encoded, self.second_encoded, self.first, self.guard = 0, threading.Event(), True, threading.Lock()
+
+        def encode(self, batch):
+            out = super().encode(batch)
+            with self.guard:
+                self.encoded += 1
+                if self.encoded == 2:
+                    self.second_encoded.set()
+            return out
+
+        def run_models(self, encoded):
+            with self.guard:
+                first, self.first = self.first, False
+            if first:
+                log.write_text(json.dumps({"second_call_encoded_meanwhile": self.second_encoded.wait(timeout=30)}))
+            return super().run_models(encoded)
+
+    cfg = ScoreCfg(backend="hf", models=[RewardModelCfg(tiny_models["reward"])], num_cpus=0.5, batch_size=2,
+                   max_concurrent_batches=2)
+    ds = ray_local.data.from_arrow(_batch())  # one block
+    assert ds.materialize().num_blocks() == 1
+    rows = apply(ds, FirstCallWaits, scorer_resources(cfg), cfg=cfg).take_all()
+    assert json.loads(log.read_text()) == {"second_call_encoded_meanwhile": True}
+    assert sorted(r["prompt_id"] for r in rows) == [f"p{i}" for i in range(len(PROMPTS))]
+    expected = _direct(tiny_models["reward"], _convs())[:, 0].reshape(len(PROMPTS), K)
+    for r in rows:
+        got = [s["overall"] for s in r["responses"]]
+        np.testing.assert_allclose(got, expected[int(r["prompt_id"][1:])], atol=1e-5, rtol=0)
+
+
 def test_backend_choice(monkeypatch):
     import operators.score as score
 
@@ -280,7 +328,7 @@ def test_vllm_pooling_backend_gives_raw_logits(tiny_models):
         scorer = RewardScorer(ScoreCfg(models=[RewardModelCfg(tiny_models[name])], backend="vllm",
                                        micro_batch_size=micro, max_length=256, kv_cache_gib=1 / 64))
         try:
-            out = scorer(_batch())
+            out = _score(scorer, _batch())
         finally:
             scorer.close()
         expected = _direct(tiny_models[name], _convs())

@@ -8,6 +8,7 @@ below asserts on one class in those runs' manifests and quarantine folders.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import math
@@ -400,7 +401,7 @@ def test_a_response_far_past_the_reward_models_context_is_scored(tiny_models):
     batch = pa.table({"prompt_id": ["a"], "prompt": ["Tell me a story."],
                       "responses": [[{"text": "Once upon a time " * 17_647, "sample_idx": 0},
                                      {"text": "Short.", "sample_idx": 1}]]})
-    out = scorer(batch).to_pylist()[0]
+    out = asyncio.run(scorer(batch)).to_pylist()[0]  # one call, as Ray Data makes it
     assert out[QUARANTINE] is None and [r["problem"] for r in out["responses"]] == [None, None]
     assert all(math.isfinite(r["overall"]) for r in out["responses"]) and out["responses"][0]["len"] == 299_999
 

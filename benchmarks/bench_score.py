@@ -192,7 +192,8 @@ def _bucketed_padding(lengths: list[int], a: argparse.Namespace) -> tuple[int, i
 
 
 def run_raw_vllm(a: argparse.Namespace) -> dict:
-    """vLLM's pooling runner as a user would call it: one LLM, every text in one classify call."""
+    """vLLM's pooling runner as a user would call it: one LLM (built with the scorer's engine arguments),
+    every text in one `LLM.classify` call with the activation off."""
     from transformers import AutoTokenizer
 
     from operators.vllm_engines import PoolingEngine
@@ -205,7 +206,13 @@ def run_raw_vllm(a: argparse.Namespace) -> dict:
     startup = time.perf_counter() - t0
     t1, c1 = time.perf_counter(), time.process_time()
     ids = _encoded(a, table, tok)
-    rewards = engine.classify(ids)[:, 0]
+    # The user's own call on the engine's LLM, not PoolingEngine.classify (prefsift's path).
+    import vllm
+    from vllm.inputs import TokensPrompt
+
+    outs = engine.llm.classify([TokensPrompt(prompt_token_ids=x) for x in ids], use_tqdm=False,
+                               pooling_params=vllm.PoolingParams(use_activation=False))
+    rewards = np.asarray([o.outputs.probs[0] for o in outs], dtype=np.float64)
     seconds, cpu = time.perf_counter() - t1, time.process_time() - c1
     engine.close()
     pq.write_table(pa.table({"prompt_id": table.column("prompt_id"), "sample_idx": table.column("sample_idx"),

@@ -134,16 +134,24 @@ def map_batches_kwargs(op: type[Operator], resources: Resources, **ctor_kwargs: 
         kwargs["max_task_retries"] = -1 if resources.max_restarts else 0
     if resources.num_gpus:
         kwargs["num_gpus"] = resources.num_gpus
-    # Read by the raylet when it starts the actor's worker, and by the worker. Ray merges a task's env_vars with
-    # the job's runtime_env, so a `ray job submit --runtime-env` keeps its working_dir and variables.
+    if env := actor_runtime_env(resources):
+        kwargs["runtime_env"] = env
+    return kwargs
+
+
+def actor_runtime_env(resources: Resources) -> dict[str, Any] | None:
+    """The runtime_env an operator's actor needs for its niceness and child processes (Resources), or None.
+
+    Read by the raylet when it starts the actor's worker, and by the worker. Ray merges a task's env_vars with
+    the job's runtime_env, so a `ray job submit --runtime-env` keeps its working_dir and variables. Used by
+    map_batches_kwargs and by the resident hosts (operators.resident) alike.
+    """
     env = {}
     if resources.niceness is not None:
         env["RAY_worker_niceness"] = str(resources.niceness)
     if resources.closes_children:
         env["RAY_kill_child_processes_on_worker_exit"] = "false"
-    if env:
-        kwargs["runtime_env"] = {"env_vars": env}
-    return kwargs
+    return {"env_vars": env} if env else None
 
 
 def apply(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from operators.base import Operator, Resources, check_columns, map_batches_kwargs
+from operators.base import Operator, Resources, actor_runtime_env, check_columns, map_batches_kwargs
 
 if TYPE_CHECKING:
     import ray.data
@@ -101,10 +101,11 @@ class Resident:
         size = resources.concurrency
         self.size = size[1] if isinstance(size, (tuple, list)) else size
         restarts = -1 if resources.max_restarts is None else resources.max_restarts
+        env = actor_runtime_env(resources)  # the engines' niceness and child processes, as on Ray Data
         host = ray.remote(_Host).options(
             num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
             max_concurrency=resources.max_concurrency, max_restarts=restarts,
-            max_task_retries=-1 if restarts else 0)
+            max_task_retries=-1 if restarts else 0, **({"runtime_env": env} if env else {}))
         self.hosts = [host.remote(op, ctor_kwargs) for _ in range(self.size)]
         try:  # every constructor: a model that cannot load fails here, before any execution starts
             self.pids = [{pid} for pid in ray.get([h.ready.remote() for h in self.hosts])]

@@ -72,6 +72,10 @@ class ScoreCfg:
     num_gpus: float = 0.0
     gpu_memory_utilization: float = 0.3  # vllm backend: its KV cache share (0.3 on CPU, DESIGN.md)
     kv_cache_gib: float | None = None  # vllm backend: an explicit KV cache size instead of that share
+    # vllm backend only, as generate.niceness: the engines' processes (engine core, model worker) run at it,
+    # and the actor's own threads (templating, tokenizing, Ray's) go back to Ray's worker niceness, 15, once
+    # every engine has started (operators.vllm_engines.engine_first). null leaves all at Ray's 15.
+    niceness: int | None = 0
     trust_remote_code: bool = False
     max_restarts: int | None = None
 
@@ -308,13 +312,19 @@ class RewardScorer(Operator):
         if cfg.micro_batch_size < 1 or cfg.max_length < 2 or cfg.max_concurrent_batches < 1:
             raise ValueError("score.micro_batch_size and score.max_concurrent_batches must be >= 1 and "
                              "score.max_length >= 2")
+        check_niceness(cfg)
         self.cfg = cfg
         self.models = [_load(m.path, m.aspects, cfg) for m in cfg.models]
+        if any(not hasattr(m.model, "parameters") for m in self.models):  # vLLM engines
+            from operators.vllm_engines import engine_first
+
+            engine_first(cfg.niceness)  # after the last engine: each forked at the actor's score.niceness
         # Calls run in threads (max_concurrent_batches): one call tokenizes while another runs the models.
         # Each side takes one call at a time; a fast tokenizer used from two threads at once can fail
         # ("Already borrowed").
         self._models_busy = threading.Lock()
         self._tokenizers_busy = threading.Lock()
+        self._slots: asyncio.Semaphore | None = None
         self.aspects = combine_aspects([m.aspects for m in self.models], [m.path for m in self.models],
                                        cfg.overall)
 
@@ -324,9 +334,14 @@ class RewardScorer(Operator):
         batches of one task run one after another (Ray Data overlaps only an async operator's). One call's
         templating and tokenizing then run in a thread while another call's texts are in the models, and
         the models never wait for the tokenizer between calls."""
-        todo, encoded = await asyncio.to_thread(self.encode, batch)
-        values = await asyncio.to_thread(self.run_models, encoded)
-        return await asyncio.to_thread(self.assemble, batch, todo, values)
+        # Ray Data runs up to max(4, the largest max_concurrency of the run's operators) batches of one task
+        # at once (operators.base._allow_async_calls_per_task): the scorer holds itself to its own number.
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.cfg.max_concurrent_batches)  # on the loop that runs the calls
+        async with self._slots:
+            todo, encoded = await asyncio.to_thread(self.encode, batch)
+            values = await asyncio.to_thread(self.run_models, encoded)
+            return await asyncio.to_thread(self.assemble, batch, todo, values)
 
     def encode(self, batch: pa.Table) -> tuple[ToScore, list[list[list[int]]]]:
         """The batch's responses to score, and each model's token ids for them (one list per model)."""
@@ -378,9 +393,17 @@ class RewardScorer(Operator):
                 m.model.close()
 
 
+def check_niceness(cfg: ScoreCfg) -> None:
+    if cfg.niceness is not None and not 0 <= cfg.niceness <= 19:
+        # Ray adds it to the raylet's niceness; below 0 needs a privilege Ray's workers rarely hold.
+        raise ValueError(f"score.niceness must be in 0..19 or null (Ray's 15), got {cfg.niceness}")
+
+
 def scorer_resources(cfg: ScoreCfg) -> Resources:
     # auto resolves alike on CPU and GPU while vLLM is installed (resolve_backend), so the driver can tell.
+    check_niceness(cfg)
+    vllm = resolve_backend(cfg, cuda=False) == "vllm"
     return Resources(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, concurrency=cfg.concurrency,
                      batch_size=cfg.batch_size, max_concurrency=cfg.max_concurrent_batches,
-                     max_restarts=cfg.max_restarts, closes_children=resolve_backend(cfg, cuda=False) == "vllm")
+                     max_restarts=cfg.max_restarts, niceness=cfg.niceness if vllm else None, closes_children=vllm)
 

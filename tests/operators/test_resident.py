@@ -93,3 +93,33 @@ def test_host_past_its_restarts_fails_the_execution(ray_local, tmp_path):
                                  Resources(num_cpus=0.5, batch_size=4, max_restarts=0), add=1)
         with pytest.raises(Exception, match="tag: resident actor 0 died and was not restarted"):
             resident.apply(data(10)).take_all()
+
+
+def env_operator() -> type[Operator]:
+    """Reports its process's niceness and whether Ray kills its children at exit. Built in a function so that
+    cloudpickle ships it by value to the actors."""
+
+    class Env(Operator):
+        name = "env"
+        requires = ("x",)
+        adds = ("nice", "kill_children")
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            n = batch.num_rows
+            return batch.append_column("nice", pa.array([os.getpriority(os.PRIO_PROCESS, 0)] * n)) \
+                .append_column("kill_children", pa.array([os.environ.get("RAY_kill_child_processes_on_worker_exit")] * n))
+
+    return Env
+
+
+@pytest.mark.slow
+def test_a_host_runs_at_its_niceness_and_keeps_its_children(ray_local):
+    """A resident host gets the runtime_env a Ray Data actor of the same Resources gets: the niceness an
+    engine's processes inherit (score.niceness, generate.niceness) and Ray's kill of its children at exit
+    turned off for an operator that closes its engines itself. Before, residents ran at Ray's 15."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the raylet's, inherited from this driver
+    for resources, seen in ((Resources(num_cpus=0.5, niceness=7, closes_children=True), (min(base + 7, 19), "false")),
+                            (Resources(num_cpus=0.5), (min(base + 15, 19), None))):
+        with Residents() as residents:
+            rows = residents.get(env_operator(), resources).apply(data(4)).take_all()
+        assert {(r["nice"], r["kill_children"]) for r in rows} == {seen}, resources

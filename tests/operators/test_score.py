@@ -338,6 +338,55 @@ def test_vllm_pooling_backend_gives_raw_logits(tiny_models):
         np.testing.assert_allclose(got, expected[:, 0] if name == "reward" else expected, atol=1e-4, rtol=0)
 
 
+class _PriorityProbe(RewardScorer):
+    """The scorer, also reporting the niceness of its own threads and of its engines' processes."""
+
+    adds = (*RewardScorer.adds, "thread_nice", "engine_nice")
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import psutil
+
+        from operators.vllm_engines import thread_niceness
+
+        out = await super().__call__(batch)
+        threads = sorted(set(thread_niceness().values()))
+        engines = [p for p in psutil.Process().children(recursive=True)
+                   if not any(m in " ".join(p.cmdline()) for m in ("resource_tracker", "prefsift-reaper"))]
+        return out.append_column("thread_nice", pa.array([threads] * out.num_rows)) \
+            .append_column("engine_nice", pa.array([sorted({p.nice() for p in engines})] * out.num_rows))
+
+
+@pytest.mark.slow
+def test_vllm_scorer_through_ray_data_runs_its_engines_first(ray_local, tiny_models):
+    """Two reward models on vLLM in one actor (a scalar one named as an aspect, and a two-head one), calls in
+    flight: the rewards equal the plain forward's; both engines' processes run at score.niceness (0), the
+    second one's too (forked after the first engine had started), and the actor's own threads (templating,
+    tokenizing) at Ray's 15, so that they do not take the model worker's core from it."""
+    pytest.importorskip("vllm", reason="the vllm extra is not installed")
+    cfg = ScoreCfg(backend="vllm", models=[RewardModelCfg(tiny_models["reward"], aspects=["harmlessness"]),
+                                           RewardModelCfg(tiny_models["reward_multi"])],
+                   num_cpus=0.5, batch_size=2, micro_batch_size=3, max_length=256, kv_cache_gib=1 / 64)
+    assert scorer_resources(cfg).niceness == 0 and scorer_resources(cfg).closes_children
+    assert scorer_resources(ScoreCfg(backend="hf")).niceness is None  # its model runs in the actor's threads
+    ds = apply(ray_local.data.from_items(_batch().to_pylist()), _PriorityProbe, scorer_resources(cfg), cfg=cfg)
+    out = pa.Table.from_pylist(sorted(ds.take_all(), key=lambda r: int(r["prompt_id"][1:])))
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the raylet's, inherited from this driver
+    assert {tuple(v) for v in out.column("engine_nice").to_pylist()} == {(base,)}
+    assert {tuple(v) for v in out.column("thread_nice").to_pylist()} == {(min(base + 15, 19),)}
+    assert out.column(QUARANTINE).null_count == len(PROMPTS)
+    scalar, multi = _direct(tiny_models["reward"], _convs()), _direct(tiny_models["reward_multi"], _convs())
+    got = np.stack([_col(out, "scores", a) for a in ("harmlessness", "helpfulness", "correctness")], axis=1)
+    np.testing.assert_allclose(got, np.concatenate([scalar, multi], axis=1), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_col(out, "overall"), got.mean(axis=1), atol=1e-12, rtol=0)
+
+
+def test_scorer_niceness_out_of_range_names_its_key(tiny_models):
+    with pytest.raises(ValueError, match=r"score.niceness must be in 0..19 or null \(Ray's 15\), got 20"):
+        RewardScorer(ScoreCfg(backend="hf", models=[RewardModelCfg(tiny_models["reward"])], niceness=20))
+    with pytest.raises(ValueError, match=r"score.niceness must be in 0..19"):
+        scorer_resources(ScoreCfg(niceness=-1))
+
+
 _SHUT_DOWN = """
 import json, sys
 import psutil

@@ -339,9 +339,9 @@ class RewardScorer(Operator):
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.cfg.max_concurrent_batches)  # on the loop that runs the calls
         async with self._slots:
-            todo, encoded = await asyncio.to_thread(self.encode, batch)
+            b, encoded = await asyncio.to_thread(self.encode, batch)
             values = await asyncio.to_thread(self.run_models, encoded)
-            return await asyncio.to_thread(self.assemble, batch, todo, values)
+            return await asyncio.to_thread(self.assemble, batch, b, values)
 
     def encode(self, batch: pa.Table) -> tuple[ToScore, list[list[list[int]]]]:
         """The batch's responses to score, and each model's token ids for them (one list per model)."""

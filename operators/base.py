@@ -139,6 +139,14 @@ def map_batches_kwargs(op: type[Operator], resources: Resources, **ctor_kwargs: 
     return kwargs
 
 
+def niceness_problem(key: str, niceness: int | None) -> str | None:
+    """What is wrong with an operator's configured niceness (`generate.niceness`, `score.niceness`), or None.
+    Ray adds it to the raylet's niceness; below 0 needs a privilege Ray's workers rarely hold."""
+    if niceness is not None and not 0 <= niceness <= 19:
+        return f"{key} must be in 0..19 or null (Ray's 15), got {niceness}"
+    return None
+
+
 def actor_runtime_env(resources: Resources) -> dict[str, Any] | None:
     """The runtime_env an operator's actor needs for its niceness and child processes (Resources), or None.
 

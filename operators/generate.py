@@ -22,7 +22,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from operators.adaptive import AdaptiveCfg
-from operators.base import QUARANTINE, Operator, Resources, with_quarantine
+from operators.base import QUARANTINE, Operator, Resources, niceness_problem, with_quarantine
 from operators.vllm_engines import CONCURRENT_ENGINES, ENGINES, resolve_engine, vllm_runs_on_cpu
 
 # One struct per sample inside the prompt row's `responses` list (DESIGN.md, "Stages and their data").
@@ -298,9 +298,8 @@ def _check_cfg(cfg: GenerateCfg) -> None:
         problems.append(f"generate.max_concurrent_batches must be >= 1, got {cfg.max_concurrent_batches}")
     if cfg.max_requests_in_flight is not None and cfg.max_requests_in_flight < 1:
         problems.append(f"generate.max_requests_in_flight must be >= 1 or null, got {cfg.max_requests_in_flight}")
-    if cfg.niceness is not None and not 0 <= cfg.niceness <= 19:
-        # Ray adds it to the raylet's niceness; below 0 needs a privilege Ray's workers rarely hold.
-        problems.append(f"generate.niceness must be in 0..19 or null (Ray's 15), got {cfg.niceness}")
+    if problem := niceness_problem("generate.niceness", cfg.niceness):
+        problems.append(problem)
     if problems:
         raise ValueError("; ".join(problems))
 

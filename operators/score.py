@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.base import QUARANTINE, Operator, Resources, with_quarantine
+from operators.base import QUARANTINE, Operator, Resources, niceness_problem, with_quarantine
 from operators.generate import conversation
 from operators.responses import one_array
 
@@ -394,9 +394,8 @@ class RewardScorer(Operator):
 
 
 def check_niceness(cfg: ScoreCfg) -> None:
-    if cfg.niceness is not None and not 0 <= cfg.niceness <= 19:
-        # Ray adds it to the raylet's niceness; below 0 needs a privilege Ray's workers rarely hold.
-        raise ValueError(f"score.niceness must be in 0..19 or null (Ray's 15), got {cfg.niceness}")
+    if problem := niceness_problem("score.niceness", cfg.niceness):
+        raise ValueError(problem)
 
 
 def scorer_resources(cfg: ScoreCfg) -> Resources:

@@ -33,6 +33,7 @@ from operators.generate import (
     top_p_filter,
     trim_completion,
 )
+from tests.operators.helpers import priority_probe
 
 K = 3
 PROMPTS = ["What is gravity?", "Write a haiku about rain", "Hi", "Give me three ideas for a short story"]
@@ -620,23 +621,6 @@ def test_vllm_stepped_engine_takes_calls_at_once_and_samples_as_the_async_engine
         assert [{c: s[c] for c in cols} for s in _samples(out)] == [{c: s[c] for c in cols} for s in _samples(ref)]
 
 
-class _PriorityProbe(Generator):
-    """The generator, also reporting the niceness of its own threads and of its engine's processes."""
-
-    adds = (*Generator.adds, "thread_nice", "engine_nice")
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        import psutil
-
-        from operators.vllm_engines import thread_niceness
-
-        out = await super().__call__(batch)
-        threads = sorted(set(thread_niceness().values()))
-        engine = sorted({p.nice() for p in psutil.Process().children(recursive=True)})
-        return out.append_column("thread_nice", pa.array([threads] * out.num_rows)) \
-            .append_column("engine_nice", pa.array([engine] * out.num_rows))
-
-
 @pytest.mark.slow
 def test_vllm_async_engine_through_ray_data(ray_local, tiny_models, async_vllm):
     """Several map_batches calls in flight on one actor (async UDF, max_concurrency 3): every prompt comes
@@ -648,7 +632,7 @@ def test_vllm_async_engine_through_ray_data(ray_local, tiny_models, async_vllm):
     items = [{"prompt_id": f"q{i}", "prompt": PROMPTS[i % 4] + f" ({i})", QUARANTINE: None} for i in range(10)]
     items += [{"prompt_id": "too_long", "prompt": "word " * 300, QUARANTINE: None},
               {"prompt_id": "dup", "prompt": "x", QUARANTINE: "duplicate_prompt_id"}]
-    ds = apply(ray_local.data.from_items(items), _PriorityProbe, generator_resources(cfg), cfg=cfg, seed=0)
+    ds = apply(ray_local.data.from_items(items), priority_probe(Generator), generator_resources(cfg), cfg=cfg, seed=0)
     out = pa.Table.from_pylist(ds.take_all())
     base = os.getpriority(os.PRIO_PROCESS, 0)  # the raylet's, inherited from this driver
     assert {tuple(v) for v in out.column("engine_nice").to_pylist()} == {(base,)}

@@ -30,6 +30,7 @@ from operators.score import (
     scorer_resources,
     truncate_keep_end,
 )
+from tests.operators.helpers import priority_probe
 
 # Lengths differ a lot, so sorting by length reorders rows across micro-batches of 2.
 PROMPTS = ["What is gravity?", "Hi", "Write a long story about a cat", "Summarize the data", "x", "Why?"]
@@ -338,24 +339,6 @@ def test_vllm_pooling_backend_gives_raw_logits(tiny_models):
         np.testing.assert_allclose(got, expected[:, 0] if name == "reward" else expected, atol=1e-4, rtol=0)
 
 
-class _PriorityProbe(RewardScorer):
-    """The scorer, also reporting the niceness of its own threads and of its engines' processes."""
-
-    adds = (*RewardScorer.adds, "thread_nice", "engine_nice")
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        import psutil
-
-        from operators.vllm_engines import thread_niceness
-
-        out = await super().__call__(batch)
-        threads = sorted(set(thread_niceness().values()))
-        engines = [p for p in psutil.Process().children(recursive=True)
-                   if not any(m in " ".join(p.cmdline()) for m in ("resource_tracker", "prefsift-reaper"))]
-        return out.append_column("thread_nice", pa.array([threads] * out.num_rows)) \
-            .append_column("engine_nice", pa.array([sorted({p.nice() for p in engines})] * out.num_rows))
-
-
 @pytest.mark.slow
 def test_vllm_scorer_through_ray_data_runs_its_engines_first(ray_local, tiny_models):
     """Two reward models on vLLM in one actor (a scalar one named as an aspect, and a two-head one), calls in
@@ -368,7 +351,8 @@ def test_vllm_scorer_through_ray_data_runs_its_engines_first(ray_local, tiny_mod
                    num_cpus=0.5, batch_size=2, micro_batch_size=3, max_length=256, kv_cache_gib=1 / 64)
     assert scorer_resources(cfg).niceness == 0 and scorer_resources(cfg).closes_children
     assert scorer_resources(ScoreCfg(backend="hf")).niceness is None  # its model runs in the actor's threads
-    ds = apply(ray_local.data.from_items(_batch().to_pylist()), _PriorityProbe, scorer_resources(cfg), cfg=cfg)
+    ds = apply(ray_local.data.from_items(_batch().to_pylist()), priority_probe(RewardScorer), scorer_resources(cfg),
+               cfg=cfg)
     out = pa.Table.from_pylist(sorted(ds.take_all(), key=lambda r: int(r["prompt_id"][1:])))
     base = os.getpriority(os.PRIO_PROCESS, 0)  # the raylet's, inherited from this driver
     assert {tuple(v) for v in out.column("engine_nice").to_pylist()} == {(base,)}

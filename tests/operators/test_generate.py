@@ -560,8 +560,15 @@ def main():
     gc.disable()
     del gen
     freed = ref() is None
+    names = {}
+    for p in engine:
+        try:
+            names[p.pid] = " ".join(p.cmdline())[:160]
+        except psutil.Error:  # already gone
+            names[p.pid] = "?"
     _, alive = psutil.wait_procs(engine, timeout=60)
     print("seen:", json.dumps({"engine_processes": len(engine), "freed": freed, "alive": len(alive)}), flush=True)
+    print("left:", json.dumps([names[p.pid] for p in alive]), flush=True)  # which one, if a run fails
 if __name__ == "__main__":
     main()
 """
@@ -583,7 +590,8 @@ def test_a_deleted_vllm_generator_is_freed_and_stops_its_engine(tiny_models, tmp
                          text=True, check=False, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(next(line[6:] for line in run.stdout.splitlines() if line.startswith("seen: ")))
-    assert seen["engine_processes"] >= 1 and seen == {**seen, "freed": True, "alive": 0}
+    left = next((line for line in run.stdout.splitlines() if line.startswith("left: ")), "")
+    assert seen["engine_processes"] >= 1 and seen == {**seen, "freed": True, "alive": 0}, left
 
 
 @pytest.mark.slow
